@@ -1,0 +1,51 @@
+# Copyright 2026 The InternImage-HF authors. All rights reserved.
+#
+# Licensed under the MIT License.
+"""InternImage for transformers. Importing the package registers the model type `internimage` with the Auto
+classes; saved models carry their code files and an `auto_map`, so they also load as Hub remote code."""
+
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+)
+
+from .configuration_internimage import INTERNIMAGE_EVAL_RESOLUTION, INTERNIMAGE_VARIANTS, InternImageConfig
+from .dcnv3 import DCNv3Core, dcnv3_core_pytorch
+from .image_processing_internimage import build_image_processor
+from .modeling_internimage import (
+    OPENGVLAB_HUB_KEY_MAPPING,
+    InternImageBackbone,
+    InternImageForImageClassification,
+    InternImageModel,
+    InternImagePreTrainedModel,
+    convert_original_key,
+)
+
+
+AutoConfig.register(InternImageConfig.model_type, InternImageConfig)
+AutoModel.register(InternImageConfig, InternImageModel)
+AutoModelForImageClassification.register(InternImageConfig, InternImageForImageClassification)
+AutoBackbone.register(InternImageConfig, InternImageBackbone)
+
+# Saving writes the code files and an auto_map naming these classes (remote code for `trust_remote_code=True`).
+InternImageConfig.register_for_auto_class("AutoConfig")
+InternImageModel.register_for_auto_class("AutoModel")
+InternImageForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+InternImageBackbone.register_for_auto_class("AutoBackbone")
+
+__all__ = [
+    "INTERNIMAGE_EVAL_RESOLUTION",
+    "INTERNIMAGE_VARIANTS",
+    "OPENGVLAB_HUB_KEY_MAPPING",
+    "DCNv3Core",
+    "InternImageBackbone",
+    "InternImageConfig",
+    "InternImageForImageClassification",
+    "InternImageModel",
+    "InternImagePreTrainedModel",
+    "build_image_processor",
+    "convert_original_key",
+    "dcnv3_core_pytorch",
+]
