@@ -49,6 +49,14 @@ SUPPORTED_ACT_LAYERS = ("GELU", "ReLU", "SiLU")
 # `core_op` of OpenGVLab configs: both names denote the same operator here.
 SUPPORTED_CORE_OPS = ("DCNv3", "DCNv3_pytorch")
 
+# What a saved model's config.json maps to this package's files when they travel as Hub remote code.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_internimage.InternImageConfig",
+    "AutoModel": "modeling_internimage.InternImageModel",
+    "AutoModelForImageClassification": "modeling_internimage.InternImageForImageClassification",
+    "AutoBackbone": "modeling_internimage.InternImageBackbone",
+}
+
 
 def normalize_variant_name(name: str) -> str:
     """Map `"t"`, `"T"`, `"internimage-t"`, `"internimage_t"` to the key of `INTERNIMAGE_VARIANTS`."""
@@ -130,8 +138,10 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
         num_classes = kwargs.pop("num_classes", None)
         if num_classes is not None and self.id2label is None and "num_labels" not in kwargs:
             kwargs["num_labels"] = num_classes
-        # OpenGVLab's auto_map names classes of their own code; ours is written on save.
-        kwargs.pop("auto_map", None)
+        if "auto_map" in kwargs:
+            # OpenGVLab's auto_map also names a class our files do not define; save_pretrained writes ours.
+            known = set(REMOTE_CODE_AUTO_MAP.values())
+            kwargs["auto_map"] = {k: v for k, v in kwargs["auto_map"].items() if v in known}
         self.depths = list(self.depths)
         self.groups = list(self.groups)
         if self.level2_post_norm_block_ids is not None:
@@ -211,4 +221,4 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
             )
 
 
-__all__ = ["InternImageConfig", "INTERNIMAGE_VARIANTS", "INTERNIMAGE_EVAL_RESOLUTION"]
+__all__ = ["InternImageConfig", "INTERNIMAGE_VARIANTS", "INTERNIMAGE_EVAL_RESOLUTION", "REMOTE_CODE_AUTO_MAP"]

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import PreTrainedModel
 
-from .configuration_internimage import InternImageConfig
+from .configuration_internimage import REMOTE_CODE_AUTO_MAP, InternImageConfig
 from .dcnv3 import DCNv3Core
 
 
@@ -440,6 +440,13 @@ class InternImagePreTrainedModel(PreTrainedModel):
         elif isinstance(module, InternImageLayer) and module.layer_scale1 is not None:
             init.constant_(module.layer_scale1, self.config.layer_scale)
             init.constant_(module.layer_scale2, self.config.layer_scale)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; when the code files travel along (the package registers them),
+        config.json maps all four Auto classes to them, so any of them loads the directory as remote code."""
+        if self._auto_class is not None:
+            self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -1,0 +1,90 @@
+"""Shared test set-up: offline Hub, the reference fixtures, and transformers' own common test mixins.
+
+The mixins ship in the transformers source distribution on the package index, not in the wheel; they are fetched
+once into `.cache/` (git-ignored) for the installed version, with stubs for the few modules of the GitHub tree they
+import but do not need for a vision model.
+"""
+
+import os
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import importlib  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures" / "original"
+COMMON_TESTS_PACKAGE = "hf_common_tests"
+COMMON_TEST_STUBS = {
+    "exporters/test_export.py": "class ExportTesterMixin:\n    pass\n",
+    "generation/test_utils.py": "class GenerationTesterMixin:\n    pass\n",
+    "utils/test_configuration_utils.py": "config_common_kwargs = {}\n",
+}
+
+
+def _fetch_common_tests(target: Path) -> None:
+    """Download the transformers sdist of the installed version and keep its top-level `tests/*.py`."""
+    version = transformers.__version__
+    with tempfile.TemporaryDirectory() as download_dir:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             f"transformers=={version}", "-d", download_dir],
+            check=True,
+        )  # fmt: skip
+        archive = next(Path(download_dir).glob("transformers-*.tar.gz"))
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        with tarfile.open(archive) as tar:
+            prefix = f"transformers-{version}/tests/"
+            for member in tar.getmembers():
+                relative = member.name.removeprefix(prefix)
+                if member.name.startswith(prefix) and member.isfile() and "/" not in relative:
+                    member.name = relative
+                    tar.extract(member, staging, filter="data")
+        for stub_path, text in {**COMMON_TEST_STUBS, "__init__.py": ""}.items():
+            path = staging / stub_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / "__init__.py").touch()
+            path.write_text(text)
+        staging.rename(target)
+
+
+def import_common_tests(module: str):
+    """Import a module of transformers' common tests (e.g. `test_modeling_common`) for the installed version."""
+    cache = PROJECT_ROOT / ".cache" / f"transformers-{transformers.__version__}-tests"
+    package_dir = cache / COMMON_TESTS_PACKAGE
+    if not package_dir.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        _fetch_common_tests(package_dir)
+    if str(cache) not in sys.path:
+        sys.path.insert(0, str(cache))
+    return importlib.import_module(f"{COMMON_TESTS_PACKAGE}.{module}")
+
+
+def load_fixture_case(name: str) -> tuple[dict, dict, dict]:
+    """(description, original state dict, inputs and outputs) of a model fixture."""
+    from safetensors.torch import load_file
+
+    models = FIXTURES / "models"
+    description = json.loads((models / f"{name}.json").read_text())
+    return description, load_file(models / f"{name}.safetensors"), load_file(models / f"{name}.io.safetensors")
+
+
+MODEL_FIXTURES = ["tiny_t", "tiny_t_remove_center", "tiny_s", "tiny_l", "tiny_h", "tiny_g"]
+VARIANTS = ["t", "s", "b", "l", "xl", "h", "g"]
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.exists():
+        pytest.fail(f"Reference fixtures not found at {FIXTURES}; the repository expects ../shared beside it.")
+    return FIXTURES
