@@ -39,7 +39,7 @@ def _sampling_grid_base(
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    """Sampling locations with zero offsets, in `grid_sample` coordinates, shape `(H_out * W_out, P, 2)`.
+    """Sampling locations with zero offsets, in `grid_sample` coordinates, shape `(P, H_out * W_out, 2)`.
 
     Points are enumerated x-major (`p = ix * kernel_h + iy`) as in the original operator, whose checkpoints order
     their offset and mask rows that way. The original pads the input by `pad` and normalises by the padded size;
@@ -60,7 +60,7 @@ def _sampling_grid_base(
     center_y, center_x = torch.meshgrid(center_y, center_x, indexing="ij")
     centers = torch.stack([center_x.reshape(-1), center_y.reshape(-1)], dim=-1)
 
-    pixels = centers[:, None, :] + kernel_points[None, :, :]
+    pixels = kernel_points[:, None, :] + centers[None, :, :]
     size = torch.tensor([width_in, height_in], dtype=dtype, device=device)
     return (2 * pixels + 1) / size - 1
 
@@ -107,16 +107,21 @@ def dcnv3_core_pytorch(
         [2 * offset_scale / width_in, 2 * offset_scale / height_in], dtype=compute_dtype, device=value.device
     )
     length_out = height_out * width_out
-    offset = offset.to(compute_dtype).view(batch, length_out, group, num_points, 2).transpose(1, 2)
-    grid = torch.addcmul(base, offset, offset_to_grid).reshape(batch * group, length_out, num_points, 2)
+    # Points before pixels: grid_sample then vectorises over the long pixel axis, and the weighted sum over points
+    # runs over contiguous rows instead of a reduction along a last dimension of 8 or 9.
+    offset = offset.to(compute_dtype).view(batch, length_out, group, num_points, 2).permute(0, 2, 3, 1, 4)
+    grid = torch.addcmul(base, offset, offset_to_grid).reshape(batch * group, num_points, length_out, 2)
 
     value = value.to(compute_dtype).view(batch, height_in, width_in, group, group_channels)
     value = value.permute(0, 3, 4, 1, 2).reshape(batch * group, group_channels, height_in, width_in)
     sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    mask = mask.to(compute_dtype).view(batch, length_out, group, num_points).transpose(1, 2)
-    mask = mask.reshape(batch * group, 1, length_out, num_points)
-    output = (sampled * mask).sum(-1)  # (N * G, D, H_out * W_out)
+    mask = mask.to(compute_dtype).view(batch, length_out, group, num_points).permute(0, 2, 3, 1)
+    mask = mask.reshape(batch * group, 1, num_points, length_out)
+    point_samples, point_weights = sampled.unbind(2), mask.unbind(2)
+    output = point_samples[0] * point_weights[0]
+    for samples, weights in zip(point_samples[1:], point_weights[1:]):
+        output.addcmul_(samples, weights)
     output = output.view(batch, group * group_channels, height_out, width_out).permute(0, 2, 3, 1)
     return output.contiguous().to(output_dtype)
 

@@ -51,6 +51,13 @@ def build_channels_last_norm(config: InternImageConfig, num_channels: int) -> nn
     return nn.LayerNorm(num_channels, eps=config.layer_norm_eps)
 
 
+def softmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over a short last dimension (the 8 or 9 sampling points); several times faster on CPU than
+    `Tensor.softmax(-1)`, whose kernel vectorises along that dimension."""
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability `drop_prob`, rescale the rest."""
     if drop_prob == 0.0 or not training:
@@ -130,7 +137,7 @@ class InternImageDCNv3(nn.Module):
         offset_features = self.dw_act(self.dw_norm(offset_features))
         offset = self.offset(offset_features)
         mask = self.mask(offset_features).view(batch, height, width, self.groups, self.num_points)
-        mask = mask.softmax(-1).view(batch, height, width, self.groups * self.num_points)
+        mask = softmax_last_dim(mask).view(batch, height, width, self.groups * self.num_points)
         output = self.core(value, offset, mask)
         if self.center_feature_scale_proj is not None:
             blend = torch.sigmoid(self.center_feature_scale_proj(offset_features))[..., None]
