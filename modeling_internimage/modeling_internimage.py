@@ -99,6 +99,15 @@ class InternImageEmbeddings(nn.Module):
         return self.norm2(hidden_states).permute(0, 3, 1, 2)
 
 
+class InternImageZeroInitLinear(nn.Linear):
+    """Linear layer initialised to zero: the DCNv3 offset and weight predictors (training starts from the regular
+    grid with uniform weights) and the center-feature-scale projection (blend 0.5)."""
+
+
+class InternImageXavierLinear(nn.Linear):
+    """Linear layer initialised xavier-uniform with zero bias: the DCNv3 value and output projections."""
+
+
 class InternImageDCNv3(nn.Module):
     """DCNv3 block operator: value projection, offsets and softmax weights from a depthwise-conv branch, deformable
     aggregation by `DCNv3Core`, output projection."""
@@ -113,11 +122,14 @@ class InternImageDCNv3(nn.Module):
         )
         self.dw_norm = build_channels_last_norm(config, channels)
         self.dw_act = ACT_LAYERS[config.act_layer]()
-        self.offset = nn.Linear(channels, groups * self.num_points * 2)
-        self.mask = nn.Linear(channels, groups * self.num_points)
-        self.input_proj = nn.Linear(channels, channels)
-        self.output_proj = nn.Linear(channels, channels)
-        self.center_feature_scale_proj = nn.Linear(channels, groups) if config.center_feature_scale else None
+        self.offset = InternImageZeroInitLinear(channels, groups * self.num_points * 2)
+        self.mask = InternImageZeroInitLinear(channels, groups * self.num_points)
+        self.input_proj = InternImageXavierLinear(channels, channels)
+        self.output_proj = InternImageXavierLinear(channels, channels)
+        if config.center_feature_scale:
+            self.center_feature_scale_proj = InternImageZeroInitLinear(channels, groups)
+        else:
+            self.center_feature_scale_proj = None
         self.core = DCNv3Core(
             kernel_size=3,
             stride=1,
@@ -420,7 +432,13 @@ class InternImagePreTrainedModel(PreTrainedModel):
         """As the original: Linear truncated normal, norms one/zero, convolutions PyTorch's default; DCNv3 offset and
         weight projections zero (a regular grid with uniform weights at start), its value/output projections
         xavier-uniform, the center-feature-scale projection zero (blend 0.5), layer scales at `config.layer_scale`."""
-        if isinstance(module, nn.Linear):
+        if isinstance(module, InternImageZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, InternImageXavierLinear):
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -436,14 +454,6 @@ class InternImagePreTrainedModel(PreTrainedModel):
                 init.zeros_(module.running_mean)
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, InternImageDCNv3):
-            for projection in (module.offset, module.mask, module.center_feature_scale_proj):
-                if projection is not None:
-                    init.zeros_(projection.weight)
-                    init.zeros_(projection.bias)
-            for projection in (module.input_proj, module.output_proj):
-                init.xavier_uniform_(projection.weight)
-                init.zeros_(projection.bias)
         elif isinstance(module, InternImageLayer) and module.layer_scale1 is not None:
             init.constant_(module.layer_scale1, self.config.layer_scale)
             init.constant_(module.layer_scale2, self.config.layer_scale)

@@ -1,0 +1,341 @@
+"""Behaviour a transformers user relies on: save/load, remote code, dtypes, compile/export/ONNX, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import PROJECT_ROOT, load_fixture_case
+from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
+
+from modeling_internimage import (
+    InternImageBackbone,
+    InternImageConfig,
+    InternImageForImageClassification,
+    InternImageModel,
+)
+
+
+def tiny_config(**overrides) -> InternImageConfig:
+    values = dict(channels=8, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=5)
+    return InternImageConfig(**{**values, **overrides})
+
+
+def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every weight a non-trivial value, so zero-initialised offsets cannot hide a path."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor + 0.05 * torch.randn(tensor.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture
+def classifier() -> InternImageForImageClassification:
+    torch.manual_seed(0)
+    return trained_like(InternImageForImageClassification(tiny_config()))
+
+
+@pytest.fixture
+def pixel_values() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_save_and_reload_reproduces_outputs(classifier, pixel_values, tmp_path):
+    classifier.save_pretrained(tmp_path)
+    saved = sorted(os.listdir(tmp_path))
+    assert saved == ["config.json", "configuration_internimage.py", "dcnv3.py", "model.safetensors",
+                     "modeling_internimage.py"]  # fmt: skip
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoBackbone"}
+
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is InternImageForImageClassification
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values).logits, classifier(pixel_values).logits)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(base(pixel_values).pooler_output, classifier.internimage(pixel_values).pooler_output)
+    backbone = AutoBackbone.from_config(AutoConfig.from_pretrained(tmp_path, out_indices=[1, 2, 3, 4]))
+    assert isinstance(backbone, InternImageBackbone)
+    backbone = InternImageBackbone.from_pretrained(tmp_path, out_indices=[1, 2, 3, 4]).eval()
+    with torch.no_grad():
+        expected = classifier(pixel_values, output_hidden_states=True).hidden_states[1:]
+        for actual, wanted in zip(backbone(pixel_values).feature_maps, expected):
+            assert torch.equal(actual, wanted)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_internimage"] = None  # the package must not be importable here
+    import torch
+    from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
+
+    directory, inputs, outputs = sys.argv[1:]
+    pixel_values = torch.load(inputs)
+    classifier = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(directory, trust_remote_code=True).eval()
+    # AutoBackbone.from_pretrained takes any local path for a Hub id (transformers 5.22/5.23), so resolve the
+    # remote class through from_config and load the weights with it.
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
+    backbone = backbone_class.from_pretrained(directory).eval()
+    assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
+    with torch.no_grad():
+        torch.save(
+            {
+                "logits": classifier(pixel_values).logits,
+                "pooled": base(pixel_values).pooler_output,
+                "features": backbone(pixel_values).feature_maps[-1],
+            },
+            outputs,
+        )
+    """
+)
+
+
+def test_remote_code_loads_without_the_package(classifier, pixel_values, tmp_path):
+    model_dir = tmp_path / "model"
+    classifier.save_pretrained(model_dir)
+    torch.save(pixel_values, tmp_path / "inputs.pt")
+    (tmp_path / "load_remote.py").write_text(REMOTE_CODE_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": ""}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "load_remote.py"), str(model_dir), str(tmp_path / "inputs.pt"),
+         str(tmp_path / "outputs.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = torch.load(tmp_path / "outputs.pt")
+    with torch.no_grad():
+        assert torch.equal(outputs["logits"], classifier(pixel_values).logits)
+        assert torch.equal(outputs["pooled"], classifier.internimage(pixel_values).pooler_output)
+        assert torch.equal(outputs["features"], classifier.internimage(pixel_values).last_hidden_state)
+
+
+def test_push_to_hub_uploads_code_config_and_weights(classifier, monkeypatch):
+    import transformers.utils.hub as hub
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    uploaded = {}
+
+    def capture_upload(self, working_dir, repo_id, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(os.listdir(working_dir))
+        uploaded["config"] = json.loads(open(os.path.join(working_dir, "config.json")).read())
+
+    monkeypatch.setattr(hub, "hf_api", lambda: FakeApi())
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: _EmptyCard())
+    monkeypatch.setattr(type(classifier), "_upload_modified_files", capture_upload)
+    classifier.push_to_hub("someone/internimage-tiny")
+    assert uploaded["repo_id"] == "someone/internimage-tiny"
+    assert {"config.json", "model.safetensors", "modeling_internimage.py", "configuration_internimage.py",
+            "dcnv3.py"} <= set(uploaded["files"])  # fmt: skip
+    assert uploaded["config"]["auto_map"]["AutoBackbone"] == "modeling_internimage.InternImageBackbone"
+
+
+class _EmptyCard:
+    def save(self, path):
+        open(path, "w").write("---\nlibrary_name: transformers\n---\n")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_half_precision_forward_agrees_with_float32(dtype, tolerance):
+    model, _, io = _fixture_model("tiny_h")
+    pixel_values = io["input0.pixel_values"]
+    with torch.no_grad():
+        reference = model(pixel_values).logits
+        half = model.to(dtype)(pixel_values.to(dtype)).logits
+    assert half.dtype == dtype
+    scale = reference.abs().max()
+    assert ((half.float() - reference).abs().max() / scale).item() < tolerance
+
+
+def _fixture_model(name):
+    description, state_dict, io = load_fixture_case(name)
+    model = InternImageForImageClassification(InternImageConfig(**description["original_constructor_kwargs"]))
+    model.load_original_state_dict(state_dict)
+    return model.eval(), description, io
+
+
+def test_torch_compile_matches_eager(classifier, pixel_values):
+    compiled = torch.compile(classifier, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixel_values).logits, classifier(pixel_values).logits, atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+
+
+def test_torch_export_runs_and_matches(classifier, pixel_values):
+    exported = torch.export.export(classifier, args=(), kwargs={"pixel_values": pixel_values})
+    with torch.no_grad():
+        torch.testing.assert_close(
+            exported.module()(pixel_values=pixel_values).logits, classifier(pixel_values).logits
+        )
+
+
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model, _, io = _fixture_model("tiny_g")
+    pixel_values = io["input0.pixel_values"]
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values).logits
+
+    path = tmp_path / "internimage.onnx"
+    torch.onnx.export(LogitsOnly(model), (pixel_values,), str(path), input_names=["pixel_values"],
+                      output_names=["logits"], dynamo=True)  # fmt: skip
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"pixel_values": pixel_values.numpy()})
+    np.testing.assert_allclose(logits, io["input0.logits"].numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "pixel_values, message",
+    [
+        (torch.randn(1, 4, 32, 32), "4 channels"),
+        (torch.randn(3, 32, 32), "4-D"),
+        (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), "floating-point"),
+        (torch.randn(1, 32, 32, 3), "channels"),
+    ],
+)
+def test_bad_pixel_values_are_named(classifier, pixel_values, message):
+    with pytest.raises(ValueError, match=message):
+        classifier(pixel_values)
+
+
+def test_clip_head_needs_sides_multiple_of_32():
+    model, _, _ = _fixture_model("tiny_g")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 48, 64))
+    backbone = InternImageBackbone(model.config)
+    assert len(backbone(torch.randn(1, 3, 48, 64)).feature_maps) == 1
+
+
+def test_state_dict_of_another_variant_is_rejected():
+    _, state_dict, _ = load_fixture_case("tiny_h")
+    model = InternImageForImageClassification(tiny_config(num_labels=10))
+    with pytest.raises(ValueError, match="another variant") as error:
+        model.load_original_state_dict(state_dict)
+    assert "levels.0.blocks.0.res_post_norm1.0.weight" in str(error.value)
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    _, state_dict, _ = load_fixture_case("tiny_t")
+    model = InternImageForImageClassification(InternImageConfig(channels=16, depths=[1, 1, 2, 1],
+                                                                groups=[1, 2, 4, 8], num_labels=10))  # fmt: skip
+    broken = dict(state_dict)
+    broken.pop("levels.1.blocks.0.dcn.offset.weight")
+    broken["levels.9.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError) as error:
+        model.load_original_state_dict(broken)
+    assert "levels.9.extra" in str(error.value)
+    assert "internimage.encoder.stages.1.layers.0.dcn.offset.weight" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(channels=10, groups=[3, 2, 4, 8]), "groups"),
+        (dict(depths=[1, 1, 2]), "depths"),
+        (dict(level2_post_norm=True, level2_post_norm_block_ids=[5]), "level2_post_norm_block_ids"),
+        (dict(norm_layer="GN"), "norm_layer"),
+        (dict(act_layer="tanh"), "act_layer"),
+        (dict(core_op="DCNv4"), "core_op"),
+        (dict(res_post_norm=True, layer_scale=1.0), "res_post_norm"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_init_weights_follow_the_original():
+    config = tiny_config(layer_scale=1e-5, post_norm=True, center_feature_scale=True)
+    model = InternImageForImageClassification(config)
+    layer = model.internimage.encoder.stages[1].layers[0]
+    for projection in (layer.dcn.offset, layer.dcn.mask, layer.dcn.center_feature_scale_proj):
+        assert torch.count_nonzero(projection.weight) == 0 and torch.count_nonzero(projection.bias) == 0
+    bound = (6 / (2 * 16)) ** 0.5  # xavier-uniform for a 16x16 projection
+    assert 0 < layer.dcn.input_proj.weight.abs().max() <= bound
+    assert torch.all(layer.layer_scale1 == 1e-5)
+    assert layer.mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+def test_missing_weights_are_initialised_after_loading(tmp_path):
+    config = tiny_config(layer_scale=1e-5, post_norm=True)
+    source = trained_like(InternImageForImageClassification(config))
+    source.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = [key for key in weights if ".dcn.offset." in key or "layer_scale" in key]
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    model = InternImageForImageClassification.from_pretrained(tmp_path)
+    state = model.state_dict()
+    for key in dropped:
+        expected = torch.zeros_like(state[key]) if ".dcn.offset." in key else torch.full_like(state[key], 1e-5)
+        assert torch.equal(state[key], expected), key
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pixel_values):
+    labels = torch.tensor([1, 3])
+    gradients = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = trained_like(InternImageForImageClassification(tiny_config(with_cp=with_cp))).train()
+        assert model.is_gradient_checkpointing == with_cp
+        model(pixel_values, labels=labels).loss.backward()
+        gradients.append(model.internimage.embeddings.conv1.weight.grad)
+    torch.testing.assert_close(gradients[0], gradients[1])
+
+
+@pytest.mark.parametrize(
+    "num_labels, problem_type, labels",
+    [
+        (5, "single_label_classification", torch.tensor([0, 4])),
+        (5, "multi_label_classification", torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 0, 0, 0]])),
+        (1, "regression", torch.tensor([0.5, -1.0])),
+    ],
+)
+def test_loss_matches_problem_type(num_labels, problem_type, labels, pixel_values):
+    model = trained_like(InternImageForImageClassification(tiny_config(num_labels=num_labels)))
+    outputs = model(pixel_values, labels=labels)
+    logits = outputs.logits
+    if problem_type == "single_label_classification":
+        expected = torch.nn.functional.cross_entropy(logits, labels)
+    elif problem_type == "multi_label_classification":
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    else:
+        expected = torch.nn.functional.mse_loss(logits.squeeze(), labels)
+    assert model.config.problem_type == problem_type
+    torch.testing.assert_close(outputs.loss, expected)
+
+
+def test_meta_device_build_of_the_largest_variant():
+    with torch.device("meta"):
+        model = InternImageModel(InternImageConfig.from_variant("g"))
+    assert sum(p.numel() for p in model.parameters()) > 3e9
+    assert "InternImageLayer" in model._no_split_modules
+
+
+def test_package_files_use_relative_imports_only():
+    package = PROJECT_ROOT / "modeling_internimage"
+    for path in package.glob("*.py"):
+        text = path.read_text()
+        assert "import modeling_internimage" not in text and "from modeling_internimage" not in text, path
