@@ -1,6 +1,10 @@
 """CPU forward latency of InternImage-T at 224 against transformers' ConvNeXt-T and Swin-T, built from config in the
 same run. Prints milliseconds and ratios to ConvNeXt-T; not a test (timings depend on the machine).
 
+"InternImage-T (original op)" is the same model with the original repository's PyTorch operator re-enacted step by
+step (padding, float32 reference grids, grid_sample over (N*G, H*W, P) grids, mask multiply-sum, Tensor.softmax),
+so the gain of this package's operator is measured in the same run.
+
     .venv/bin/python benchmarks/benchmark_cpu_forward.py [--batch-sizes 1 8] [--repeats 5] [--threads N]
 """
 
@@ -10,13 +14,73 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
 
-from modeling_internimage import InternImageConfig, InternImageModel
+import modeling_internimage.modeling_internimage as modeling
+from modeling_internimage import DCNv3Core, InternImageConfig, InternImageModel
+
+
+def original_style_dcnv3(core: DCNv3Core, value, offset, mask):
+    """The original `dcnv3_core_pytorch` algorithm (reference doc section 2.1), for timing only."""
+    kernel, pad, group, group_channels = core.kernel_size, core.pad, core.group, core.group_channels
+    value = F.pad(value, [0, 0, pad, pad, pad, pad])
+    batch, height_in, width_in, _ = value.shape
+    _, height_out, width_out, _ = offset.shape
+    half = (core.dilation * (kernel - 1)) // 2
+    ref_y, ref_x = torch.meshgrid(
+        torch.linspace(half + 0.5, half + 0.5 + (height_out - 1) * core.stride, height_out, dtype=torch.float32),
+        torch.linspace(half + 0.5, half + 0.5 + (width_out - 1) * core.stride, width_out, dtype=torch.float32),
+        indexing="ij",
+    )
+    ref = torch.stack((ref_x.reshape(-1)[None] / width_in, ref_y.reshape(-1)[None] / height_in), -1)
+    ref = ref.reshape(1, height_out, width_out, 1, 2)
+    points = torch.linspace(-half, -half + (kernel - 1) * core.dilation, kernel, dtype=torch.float32)
+    grid_x, grid_y = torch.meshgrid(points, points, indexing="ij")
+    grid = torch.stack([grid_x / width_in, grid_y / height_in], -1).reshape(-1, 1, 2).repeat(1, group, 1)
+    grid = grid.permute(1, 0, 2).reshape(1, 1, 1, group * kernel * kernel, 2)
+    spatial_norm = torch.tensor([width_in, height_in]).reshape(1, 1, 1, 2).repeat(1, 1, 1, group * kernel * kernel)
+    locations = (ref + grid * core.offset_scale).repeat(batch, 1, 1, 1, 1).flatten(3, 4)
+    locations = locations + offset * core.offset_scale / spatial_norm
+    num_points = kernel * kernel
+    grids = (2 * locations - 1).view(batch, height_out * width_out, group, 2 * num_points).transpose(1, 2)
+    grids = grids.flatten(0, 1).view(batch * group, height_out * width_out, num_points, 2)
+    value = value.view(batch, height_in * width_in, group * group_channels).transpose(1, 2)
+    value = value.reshape(batch * group, group_channels, height_in, width_in)
+    sampled = F.grid_sample(value, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+    mask = mask.view(batch, height_out * width_out, group, num_points).transpose(1, 2)
+    mask = mask.reshape(batch * group, 1, height_out * width_out, num_points)
+    output = (sampled * mask).sum(-1).view(batch, group * group_channels, height_out * width_out)
+    return output.transpose(1, 2).reshape(batch, height_out, width_out, -1).contiguous()
+
+
+def check_original_style_op() -> None:
+    """The re-enacted original must compute what this package's operator computes."""
+    core = DCNv3Core(group=4, group_channels=16)
+    value, offset, mask = torch.randn(2, 9, 11, 64), torch.randn(2, 9, 11, 72), torch.rand(2, 9, 11, 36)
+    torch.testing.assert_close(original_style_dcnv3(core, value, offset, mask), core(value, offset, mask))
+
+
+def with_original_style_op(model: torch.nn.Module) -> torch.nn.Module:
+    """Route every DCNv3 core of `model` through the original algorithm (softmax included)."""
+    for module in model.modules():
+        if isinstance(module, DCNv3Core):
+            module.forward = lambda value, offset, mask, core=module: original_style_dcnv3(core, value, offset, mask)
+    return model
 
 
 def median_latency_ms(model: torch.nn.Module, batch_size: int, repeats: int, warmup: int = 2) -> float:
     pixel_values = torch.randn(batch_size, 3, 224, 224)
+    original_softmax = modeling.softmax_last_dim
+    if getattr(model, "original_style", False):
+        modeling.softmax_last_dim = lambda logits: logits.softmax(-1)
+    try:
+        return _median_latency_ms(model, pixel_values, repeats, warmup)
+    finally:
+        modeling.softmax_last_dim = original_softmax
+
+
+def _median_latency_ms(model, pixel_values, repeats, warmup) -> float:
     with torch.inference_mode():
         for _ in range(warmup):
             model(pixel_values)
@@ -31,8 +95,11 @@ def median_latency_ms(model: torch.nn.Module, batch_size: int, repeats: int, war
 def build_models() -> dict[str, torch.nn.Module]:
     convnext = ConvNextModel(ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3]))
     swin = SwinModel(SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7))
-    internimage = InternImageModel(InternImageConfig.from_variant("t"))
-    return {"ConvNeXt-T": convnext.eval(), "Swin-T": swin.eval(), "InternImage-T": internimage.eval()}
+    internimage = InternImageModel(InternImageConfig.from_variant("t")).eval()
+    original = with_original_style_op(InternImageModel(InternImageConfig.from_variant("t")).eval())
+    original.original_style = True
+    return {"ConvNeXt-T": convnext.eval(), "Swin-T": swin.eval(), "InternImage-T": internimage,
+            "InternImage-T (original op)": original}  # fmt: skip
 
 
 def main() -> None:
@@ -43,14 +110,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    check_original_style_op()
     models = build_models()
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
-    print(f"{'model':<16}{'batch':>6}{'ms':>10}{'x ConvNeXt-T':>15}")
+    print(f"{'model':<28}{'batch':>6}{'ms':>10}{'x ConvNeXt-T':>15}")
     for batch_size in args.batch_sizes:
         latencies = {name: median_latency_ms(model, batch_size, args.repeats) for name, model in models.items()}
         for name, latency in latencies.items():
             ratio = latency / latencies["ConvNeXt-T"]
-            print(f"{name:<16}{batch_size:>6}{latency:>10.1f}{ratio:>15.2f}")
+            print(f"{name:<28}{batch_size:>6}{latency:>10.1f}{ratio:>15.2f}")
 
 
 if __name__ == "__main__":

@@ -339,3 +339,22 @@ def test_package_files_use_relative_imports_only():
     for path in package.glob("*.py"):
         text = path.read_text()
         assert "import modeling_internimage" not in text and "from modeling_internimage" not in text, path
+
+
+def test_upernet_with_internimage_backbone_trains_and_reloads(tmp_path):
+    from transformers import AutoModelForSemanticSegmentation, UperNetConfig, UperNetForSemanticSegmentation
+
+    backbone_config = tiny_config(out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = UperNetConfig(backbone_config=backbone_config, num_labels=3, hidden_size=16,
+                           auxiliary_in_channels=None, auxiliary_channels=8)  # fmt: skip
+    model = UperNetForSemanticSegmentation(config)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 3, (2, 64, 64))
+    outputs = model(pixel_values, labels=labels)
+    assert outputs.logits.shape == (2, 3, 64, 64)
+    outputs.loss.backward()
+    assert model.backbone.embeddings.conv1.weight.grad is not None
+    model.eval().save_pretrained(tmp_path)
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values).logits, model(pixel_values).logits)
