@@ -414,6 +414,12 @@ def convert_original_key(key: str) -> str:
     return key
 
 
+def _first(items: list[str], separator: str, limit: int = 20) -> str:
+    """The first `limit` items joined, and how many more there are."""
+    more = f"{separator}... and {len(items) - limit} more" if len(items) > limit else ""
+    return separator.join(items[:limit]) + more
+
+
 class InternImagePreTrainedModel(PreTrainedModel):
     config: InternImageConfig
     base_model_prefix = "internimage"
@@ -475,12 +481,13 @@ class InternImagePreTrainedModel(PreTrainedModel):
         model._weight_conversions = None
         return loaded
 
-    def load_original_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load a state dict named as the original implementation (the `'model'` entry of a training checkpoint) or
-        as OpenGVLab's Hub repos (`model.` prefix, `layer_scale1/2`).
+    def convert_original_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename a state dict of the original implementation (the `'model'` entry of a training checkpoint) or of
+        OpenGVLab's Hub repos (`model.` prefix, `layer_scale1/2`) to this model's names.
 
         The account is strict: a source key that nothing uses, a weight left unfilled or a shape that differs is a
-        ValueError listing the keys, which is also what a checkpoint of another variant produces.
+        ValueError listing the keys, which is also what a checkpoint of another variant produces. Works on a model
+        built on the meta device, so a conversion can be checked without allocating the weights.
         """
         expected = self.state_dict()
         converted = {}
@@ -498,17 +505,22 @@ class InternImagePreTrainedModel(PreTrainedModel):
         )
         problems = []
         if unused:
-            problems.append(f"{len(unused)} checkpoint keys match no weight of the model: {', '.join(unused)}")
+            problems.append(f"{len(unused)} checkpoint keys match no weight of the model: {_first(unused, ', ')}")
         if missing:
-            problems.append(f"{len(missing)} model weights are not in the checkpoint: {', '.join(missing)}")
+            problems.append(f"{len(missing)} model weights are not in the checkpoint: {_first(missing, ', ')}")
         if mismatched:
-            problems.append(f"{len(mismatched)} shapes differ: {'; '.join(mismatched)}")
+            problems.append(f"{len(mismatched)} shapes differ: {_first(mismatched, '; ')}")
         if problems:
             raise ValueError(
                 f"The state dict does not fit this {type(self).__name__} (is it of another variant?). "
                 + " | ".join(problems)
             )
-        self.load_state_dict({name: tensor for name, (_, tensor) in converted.items()}, strict=True)
+        return {name: tensor for name, (_, tensor) in converted.items()}
+
+    def load_original_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a state dict named as the original implementation or OpenGVLab's Hub repos, strictly (see
+        `convert_original_state_dict`)."""
+        self.load_state_dict(self.convert_original_state_dict(state_dict), strict=True)
 
 
 class InternImageModel(InternImagePreTrainedModel):

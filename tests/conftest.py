@@ -16,6 +16,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
 import tempfile  # noqa: E402
+import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -77,6 +78,53 @@ def load_fixture_case(name: str) -> tuple[dict, dict, dict]:
     models = FIXTURES / "models"
     description = json.loads((models / f"{name}.json").read_text())
     return description, load_file(models / f"{name}.safetensors"), load_file(models / f"{name}.io.safetensors")
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_internimage"] = None  # the package must not be importable here
+    import torch
+    from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
+
+    directory, inputs, outputs = sys.argv[1:]
+    pixel_values = torch.load(inputs)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    results = {}
+    if config.architectures != ["InternImageBackbone"]:
+        classifier = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True).eval()
+        assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
+        base = AutoModel.from_pretrained(directory, trust_remote_code=True).eval()
+        with torch.no_grad():
+            results["logits"] = classifier(pixel_values).logits
+            results["pooled"] = base(pixel_values).pooler_output
+    # AutoBackbone.from_pretrained takes any local path for a Hub id (transformers 5.22/5.23), so resolve the
+    # remote class through from_config and load the weights with it.
+    backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
+    assert backbone_class.__module__.startswith("transformers_modules"), backbone_class.__module__
+    backbone = backbone_class.from_pretrained(directory).eval()
+    with torch.no_grad():
+        results["features"] = backbone(pixel_values).feature_maps[-1]
+    torch.save(results, outputs)
+    """
+)
+
+
+def run_as_remote_code(model_dir: Path, pixel_values, work_dir: Path) -> dict:
+    """Load `model_dir` through the Auto classes with trust_remote_code in a Python process where this package
+    cannot be imported; return its outputs on `pixel_values` (`logits`, `pooled`, last `features`)."""
+    import torch
+
+    torch.save(pixel_values, work_dir / "inputs.pt")
+    (work_dir / "load_remote.py").write_text(REMOTE_CODE_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(work_dir / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(work_dir / "load_remote.py"), str(model_dir), str(work_dir / "inputs.pt"),
+         str(work_dir / "outputs.pt")],
+        cwd=work_dir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(work_dir / "outputs.pt")
 
 
 MODEL_FIXTURES = ["tiny_t", "tiny_t_remove_center", "tiny_s", "tiny_l", "tiny_h", "tiny_g"]

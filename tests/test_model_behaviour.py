@@ -2,14 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT_ROOT, load_fixture_case
+from conftest import PROJECT_ROOT, load_fixture_case, run_as_remote_code
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
 
 from modeling_internimage import (
@@ -70,50 +67,10 @@ def test_save_and_reload_reproduces_outputs(classifier, pixel_values, tmp_path):
             assert torch.equal(actual, wanted)
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["modeling_internimage"] = None  # the package must not be importable here
-    import torch
-    from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
-
-    directory, inputs, outputs = sys.argv[1:]
-    pixel_values = torch.load(inputs)
-    classifier = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True).eval()
-    base = AutoModel.from_pretrained(directory, trust_remote_code=True).eval()
-    # AutoBackbone.from_pretrained takes any local path for a Hub id (transformers 5.22/5.23), so resolve the
-    # remote class through from_config and load the weights with it.
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
-    backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
-    backbone = backbone_class.from_pretrained(directory).eval()
-    assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
-    with torch.no_grad():
-        torch.save(
-            {
-                "logits": classifier(pixel_values).logits,
-                "pooled": base(pixel_values).pooler_output,
-                "features": backbone(pixel_values).feature_maps[-1],
-            },
-            outputs,
-        )
-    """
-)
-
-
 def test_remote_code_loads_without_the_package(classifier, pixel_values, tmp_path):
     model_dir = tmp_path / "model"
     classifier.save_pretrained(model_dir)
-    torch.save(pixel_values, tmp_path / "inputs.pt")
-    (tmp_path / "load_remote.py").write_text(REMOTE_CODE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "load_remote.py"), str(model_dir), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "outputs.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = torch.load(tmp_path / "outputs.pt")
+    outputs = run_as_remote_code(model_dir, pixel_values, tmp_path)
     with torch.no_grad():
         assert torch.equal(outputs["logits"], classifier(pixel_values).logits)
         assert torch.equal(outputs["pooled"], classifier.internimage(pixel_values).pooler_output)
