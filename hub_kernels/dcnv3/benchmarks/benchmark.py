@@ -1,0 +1,84 @@
+"""DCNv3 CPU kernel against the pure-PyTorch operator of `modeling_internimage`, at the four stage shapes of
+InternImage-T (batch 8, 224x224 input), measured in one run. Prints per-stage medians and the ratio over a whole
+network pass (each stage weighted by its number of blocks: 4, 4, 18, 4).
+
+    .venv/bin/python hub_kernels/dcnv3/benchmarks/benchmark.py [--build hub_kernels/dcnv3/build] [--repeats 7]
+"""
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from kernels import get_local_kernel
+
+from modeling_internimage.dcnv3 import dcnv3_core_pytorch
+
+
+# (height = width, groups, blocks) of InternImage-T's stages at 224x224; 16 channels per group.
+T_STAGES = [(56, 4, 4), (28, 8, 4), (14, 16, 18), (7, 32, 4)]
+
+
+def stage_inputs(size: int, groups: int, batch: int = 8, generator: torch.Generator | None = None):
+    """Value, offsets of about half a pixel (trained InternImage offsets are of that order) and softmax weights."""
+    value = torch.randn(batch, size, size, groups * 16, generator=generator)
+    offset = 0.5 * torch.randn(batch, size, size, groups * 18, generator=generator)
+    mask = torch.randn(batch, size, size, groups, 9, generator=generator).softmax(-1).flatten(-2)
+    return value, offset, mask
+
+
+def median_ms(function, repeats: int) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(op, inputs, settings, repeats):
+    """(forward ms, backward ms) of `op`; backward alone, from a forward whose graph is rebuilt each time."""
+    with torch.inference_mode():
+        forward = median_ms(lambda: op(*inputs, *settings), repeats)
+    leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+    upstream = torch.randn_like(inputs[0])
+
+    def backward_only():
+        output = op(*leaves, *settings)
+        start = time.perf_counter()
+        output.backward(upstream)
+        return time.perf_counter() - start
+
+    backward_only()
+    backward = 1000 * statistics.median(backward_only() for _ in range(repeats))
+    return forward, backward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--build", type=Path, default=Path(__file__).resolve().parents[1] / "build")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    kernel = get_local_kernel(args.build)
+    generator = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, batch 8")
+    print(f"{'stage':<16}{'torch fwd':>10}{'kernel fwd':>11}{'x':>6}{'torch bwd':>11}{'kernel bwd':>11}{'x':>6}")
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for size, groups, blocks in T_STAGES:
+        inputs = stage_inputs(size, groups, generator=generator)
+        settings = (3, 3, 1, 1, 1, 1, 1, 1, groups, 16, 1.0, False)
+        torch_fwd, torch_bwd = measure(dcnv3_core_pytorch, inputs, settings, args.repeats)
+        kernel_fwd, kernel_bwd = measure(kernel.dcnv3, inputs, settings, args.repeats)
+        for idx, value in enumerate((torch_fwd, kernel_fwd, torch_bwd, kernel_bwd)):
+            totals[idx] += blocks * value
+        print(f"{size}x{size}, G={groups:<6}{torch_fwd:>10.2f}{kernel_fwd:>11.2f}{torch_fwd / kernel_fwd:>6.1f}"
+              f"{torch_bwd:>11.2f}{kernel_bwd:>11.2f}{torch_bwd / kernel_bwd:>6.1f}")  # fmt: skip
+    print(f"{'network (x blocks)':<16}{totals[0]:>10.1f}{totals[1]:>11.1f}{totals[0] / totals[1]:>6.1f}"
+          f"{totals[2]:>11.1f}{totals[3]:>11.1f}{totals[2] / totals[3]:>6.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+// DCNv3 on the CPU: forward parallel over output pixels, backward parallel over (image, group) pairs, which own
+// disjoint slices of the value gradient (no atomics, deterministic). Accumulation in float (double for double).
+//
+// The channels of one group are contiguous (channels-last), so every sample is a short vector multiply-add. The
+// loops are compiled for the common group widths (8, 16, 32, 64) with the width known, and on x86 a second time for
+// AVX2/FMA, chosen at run time; other widths take the generic loop.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+
+#include <vector>
+
+#include "dcnv3_common/dcnv3_checks.h"
+#include "dcnv3_common/dcnv3_sampling.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DCNV3_X86_DISPATCH 1
+#define DCNV3_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define DCNV3_X86_DISPATCH 0
+#endif
+
+namespace {
+
+using dcnv3::Geometry;
+
+// DEPTH > 0: the group width, known at compile time, so per-item buffers live in registers; DEPTH == 0: any width.
+template <typename acc_t, int DEPTH>
+struct ChannelBuffer {
+  acc_t data[DEPTH];
+  explicit ChannelBuffer(int64_t) {}
+  static constexpr int64_t size(int64_t) { return DEPTH; }
+};
+
+template <typename acc_t>
+struct ChannelBuffer<acc_t, 0> {
+  std::vector<acc_t> storage;
+  acc_t* data;
+  explicit ChannelBuffer(int64_t depth) : storage(depth), data(storage.data()) {}
+  static int64_t size(int64_t depth) { return depth; }
+};
+
+// Pointers to the four corners of a footprint and their weights; corners outside the map get weight 0 and point
+// at a clamped pixel, so the loop over corners needs no branch.
+template <typename scalar_t, typename acc_t>
+struct Corners {
+  const scalar_t* pointer[4];
+  acc_t weight[4];
+};
+
+template <typename scalar_t, typename acc_t>
+inline Corners<scalar_t, acc_t> corners_of(const dcnv3::Footprint<acc_t>& fp, const scalar_t* image, const Geometry& geo,
+                                           int64_t channels) {
+  Corners<scalar_t, acc_t> result;
+  const bool interior = fp.x0 >= 0 && fp.y0 >= 0 && fp.x0 + 1 < geo.width_in && fp.y0 + 1 < geo.height_in;
+  if (interior) {  // the common case: four neighbours at fixed strides
+    const scalar_t* top_left = image + (fp.y0 * geo.width_in + fp.x0) * channels;
+    const int64_t row = geo.width_in * channels;
+    result.pointer[0] = top_left;
+    result.pointer[1] = top_left + channels;
+    result.pointer[2] = top_left + row;
+    result.pointer[3] = top_left + row + channels;
+  } else {
+    for (int k = 0; k < 4; ++k) result.pointer[k] = image + dcnv3::corner_row(geo, 0, fp.y0, fp.x0, k) * channels;
+  }
+  for (int k = 0; k < 4; ++k) result.weight[k] = fp.weight[k];
+  return result;
+}
+
+// Per-call constants: where each sampling point sits relative to its output pixel, offset excluded.
+template <typename acc_t>
+struct PointTable {
+  std::vector<acc_t> dx, dy;
+  explicit PointTable(const Geometry& geo) : dx(geo.num_points()), dy(geo.num_points()) {
+    for (int p = 0; p < geo.num_points(); ++p) dcnv3::kernel_displacement(geo, p, dx[p], dy[p]);
+  }
+};
+
+// Gradient sums of one sampling point over its group's channels, with g the upstream gradient and v_k the corner
+// values (zero outside the map): the sample's dot with g (-> mask gradient) and the dots of g with the sample's
+// derivatives along x and y (-> offset gradient). `inside[k]` zeroes the corners outside the map.
+template <bool MASKED_CORNERS, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void point_gradient_sums(const acc_t* __restrict__ upstream,
+                                                               const Corners<scalar_t, acc_t>& corners,
+                                                               const acc_t inside[4], acc_t fx, acc_t fy,
+                                                               int64_t depth, acc_t& sample_dot, acc_t& x_dot,
+                                                               acc_t& y_dot) {
+  const scalar_t* __restrict__ p00 = corners.pointer[0];
+  const scalar_t* __restrict__ p01 = corners.pointer[1];
+  const scalar_t* __restrict__ p10 = corners.pointer[2];
+  const scalar_t* __restrict__ p11 = corners.pointer[3];
+  acc_t s = 0, gx = 0, gy = 0;
+#pragma omp simd reduction(+ : s, gx, gy)
+  for (int64_t c = 0; c < depth; ++c) {
+    acc_t v00 = static_cast<acc_t>(p00[c]), v01 = static_cast<acc_t>(p01[c]);
+    acc_t v10 = static_cast<acc_t>(p10[c]), v11 = static_cast<acc_t>(p11[c]);
+    if constexpr (MASKED_CORNERS) {
+      v00 *= inside[0];
+      v01 *= inside[1];
+      v10 *= inside[2];
+      v11 *= inside[3];
+    }
+    const acc_t g = upstream[c];
+    s += g * (corners.weight[0] * v00 + corners.weight[1] * v01 + corners.weight[2] * v10 + corners.weight[3] * v11);
+    gx += g * ((1 - fy) * (v01 - v00) + fy * (v11 - v10));
+    gy += g * ((1 - fx) * (v10 - v00) + fx * (v11 - v01));
+  }
+  sample_dot = s;
+  x_dot = gx;
+  y_dot = gy;
+}
+
+// value_grad[corner k] += scale_k * upstream, for the four (distinct) corners of an interior sample.
+template <typename grad_t, typename acc_t>
+__attribute__((always_inline)) inline void scatter_interior(const acc_t* __restrict__ upstream,
+                                                            grad_t* __restrict__ g00, grad_t* __restrict__ g01,
+                                                            grad_t* __restrict__ g10, grad_t* __restrict__ g11,
+                                                            const acc_t scale[4], int64_t depth) {
+#pragma omp simd
+  for (int64_t c = 0; c < depth; ++c) {
+    g00[c] += scale[0] * upstream[c];
+    g01[c] += scale[1] * upstream[c];
+    g10[c] += scale[2] * upstream[c];
+    g11[c] += scale[3] * upstream[c];
+  }
+}
+
+template <typename scalar_t, int DEPTH>
+__attribute__((always_inline)) inline void forward_range(const scalar_t* __restrict__ value,
+                                                         const scalar_t* __restrict__ offset,
+                                                         const scalar_t* __restrict__ mask,
+                                                         scalar_t* __restrict__ output, const Geometry& geo,
+                                                         const PointTable<at::opmath_type<scalar_t>>& table,
+                                                         int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t depth = ChannelBuffer<acc_t, DEPTH>::size(geo.group_channels);
+  const int points = geo.num_points();
+  const int64_t channels = geo.channels();
+  const acc_t scale = static_cast<acc_t>(geo.offset_scale);
+  // Samples with x in [0, W - 1) and y in [0, H - 1) have all four neighbours inside the map.
+  const acc_t interior_x = static_cast<acc_t>(geo.width_in - 1), interior_y = static_cast<acc_t>(geo.height_in - 1);
+  const int64_t row_stride = geo.width_in * channels;
+  ChannelBuffer<acc_t, DEPTH> acc(depth);
+  for (int64_t pixel = begin; pixel < end; ++pixel) {
+    const int64_t w = pixel % geo.width_out, h = (pixel / geo.width_out) % geo.height_out;
+    const int64_t n = pixel / (geo.width_out * geo.height_out);
+    acc_t center_x, center_y;
+    dcnv3::pixel_center(geo, h, w, center_x, center_y);
+    for (int64_t g = 0; g < geo.group; ++g) {
+      const scalar_t* image = value + n * geo.height_in * geo.width_in * channels + g * depth;
+      const int64_t item = pixel * geo.group + g;
+      const scalar_t* point_offset = offset + item * points * 2;
+      const scalar_t* point_mask = mask + item * points;
+      for (int64_t c = 0; c < depth; ++c) acc.data[c] = 0;
+      for (int p = 0; p < points; ++p) {
+        const acc_t x = center_x + table.dx[p] + scale * static_cast<acc_t>(point_offset[2 * p]);
+        const acc_t y = center_y + table.dy[p] + scale * static_cast<acc_t>(point_offset[2 * p + 1]);
+        const acc_t m = static_cast<acc_t>(point_mask[p]);
+        Corners<scalar_t, acc_t> corners;
+        if (x >= acc_t(0) && y >= acc_t(0) && x < interior_x && y < interior_y) {
+          // All four neighbours inside the map (the common case): no per-corner checks.
+          const int64_t x0 = static_cast<int64_t>(x), y0 = static_cast<int64_t>(y);
+          const acc_t fx = x - static_cast<acc_t>(x0), fy = y - static_cast<acc_t>(y0);
+          const scalar_t* top_left = image + (y0 * geo.width_in + x0) * channels;
+          corners.pointer[0] = top_left;
+          corners.pointer[1] = top_left + channels;
+          corners.pointer[2] = top_left + row_stride;
+          corners.pointer[3] = top_left + row_stride + channels;
+          corners.weight[0] = m * (1 - fy) * (1 - fx);
+          corners.weight[1] = m * (1 - fy) * fx;
+          corners.weight[2] = m * fy * (1 - fx);
+          corners.weight[3] = m * fy * fx;
+        } else {
+          const auto fp = dcnv3::footprint_at<acc_t>(geo, x, y, m);
+          if (!fp.inside) continue;
+          corners = corners_of(fp, image, geo, channels);
+        }
+        for (int64_t c = 0; c < depth; ++c) {
+          acc.data[c] += corners.weight[0] * static_cast<acc_t>(corners.pointer[0][c]) +
+                         corners.weight[1] * static_cast<acc_t>(corners.pointer[1][c]) +
+                         corners.weight[2] * static_cast<acc_t>(corners.pointer[2][c]) +
+                         corners.weight[3] * static_cast<acc_t>(corners.pointer[3][c]);
+        }
+      }
+      scalar_t* out = output + item * depth;
+      for (int64_t c = 0; c < depth; ++c) out[c] = static_cast<scalar_t>(acc.data[c]);
+    }
+  }
+}
+
+template <typename scalar_t, typename grad_t, int DEPTH>
+__attribute__((always_inline)) inline void backward_range(
+    const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask,
+    const scalar_t* __restrict__ grad_output, grad_t* __restrict__ grad_value, scalar_t* __restrict__ grad_offset,
+    scalar_t* __restrict__ grad_mask, const Geometry& geo, const PointTable<at::opmath_type<scalar_t>>& table,
+    int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t depth = ChannelBuffer<acc_t, DEPTH>::size(geo.group_channels);
+  const int points = geo.num_points();
+  const int64_t channels = geo.channels();
+  const acc_t scale = static_cast<acc_t>(geo.offset_scale);
+  const acc_t interior_x = static_cast<acc_t>(geo.width_in - 1), interior_y = static_cast<acc_t>(geo.height_in - 1);
+  const int64_t row_stride = geo.width_in * channels;
+  ChannelBuffer<acc_t, DEPTH> upstream(depth);
+  for (int64_t task = begin; task < end; ++task) {  // task = (image, group): owns grad_value[n, :, :, g]
+    const int64_t n = task / geo.group, g = task % geo.group;
+    const int64_t image_offset = n * geo.height_in * geo.width_in * channels + g * depth;
+    const scalar_t* image = value + image_offset;
+    grad_t* image_grad = grad_value + image_offset;
+    for (int64_t h = 0; h < geo.height_out; ++h) {
+      for (int64_t w = 0; w < geo.width_out; ++w) {
+        const int64_t pixel = (n * geo.height_out + h) * geo.width_out + w;
+        const scalar_t* grad_out = grad_output + pixel * channels + g * depth;
+        for (int64_t c = 0; c < depth; ++c) upstream.data[c] = static_cast<acc_t>(grad_out[c]);
+        acc_t center_x, center_y;
+        dcnv3::pixel_center(geo, h, w, center_x, center_y);
+        const int64_t row = (pixel * geo.group + g) * points;
+        for (int p = 0; p < points; ++p) {
+          const acc_t m = static_cast<acc_t>(mask[row + p]);
+          const acc_t x = center_x + table.dx[p] + scale * static_cast<acc_t>(offset[(row + p) * 2]);
+          const acc_t y = center_y + table.dy[p] + scale * static_cast<acc_t>(offset[(row + p) * 2 + 1]);
+          // Unmasked bilinear weights: the mask scales the value gradient and the location gradient.
+          Corners<scalar_t, acc_t> corners;
+          acc_t fx, fy, sampled_dot, d_x, d_y;
+          const bool interior = x >= acc_t(0) && y >= acc_t(0) && x < interior_x && y < interior_y;
+          acc_t inside[4] = {1, 1, 1, 1};
+          if (interior) {  // all four neighbours inside the map (the common case): no per-corner checks
+            const int64_t x0 = static_cast<int64_t>(x), y0 = static_cast<int64_t>(y);
+            fx = x - static_cast<acc_t>(x0);
+            fy = y - static_cast<acc_t>(y0);
+            const scalar_t* top_left = image + (y0 * geo.width_in + x0) * channels;
+            corners.pointer[0] = top_left;
+            corners.pointer[1] = top_left + channels;
+            corners.pointer[2] = top_left + row_stride;
+            corners.pointer[3] = top_left + row_stride + channels;
+            corners.weight[0] = (1 - fy) * (1 - fx);
+            corners.weight[1] = (1 - fy) * fx;
+            corners.weight[2] = fy * (1 - fx);
+            corners.weight[3] = fy * fx;
+            point_gradient_sums<false>(upstream.data, corners, inside, fx, fy, depth, sampled_dot, d_x, d_y);
+          } else {
+            // Unmasked bilinear weights: the mask scales the value gradient and the location gradient.
+            const auto fp = dcnv3::footprint_at<acc_t>(geo, x, y, acc_t(1));
+            if (!fp.inside) {
+              grad_mask[row + p] = grad_offset[(row + p) * 2] = grad_offset[(row + p) * 2 + 1] = scalar_t(0);
+              continue;
+            }
+            corners = corners_of(fp, image, geo, channels);
+            for (int k = 0; k < 4; ++k) inside[k] = dcnv3::corner_inside(geo, fp.y0, fp.x0, k) ? 1 : 0;
+            point_gradient_sums<true>(upstream.data, corners, inside, fp.fx, fp.fy, depth, sampled_dot, d_x, d_y);
+          }
+          const acc_t scatter_scale[4] = {m * corners.weight[0], m * corners.weight[1], m * corners.weight[2],
+                                          m * corners.weight[3]};
+          grad_t* corner_grad[4];
+          for (int k = 0; k < 4; ++k) corner_grad[k] = image_grad + (corners.pointer[k] - image);
+          if (interior) {
+            scatter_interior(upstream.data, corner_grad[0], corner_grad[1], corner_grad[2], corner_grad[3],
+                             scatter_scale, depth);
+          } else {  // clamped corners may share an address: one corner at a time, outside ones skipped
+            for (int k = 0; k < 4; ++k) {
+              if (inside[k] == acc_t(0)) continue;
+              for (int64_t c = 0; c < depth; ++c) corner_grad[k][c] += scatter_scale[k] * upstream.data[c];
+            }
+          }
+          grad_mask[row + p] = static_cast<scalar_t>(sampled_dot);
+          grad_offset[(row + p) * 2] = static_cast<scalar_t>(scale * m * d_x);
+          grad_offset[(row + p) * 2 + 1] = static_cast<scalar_t>(scale * m * d_y);
+        }
+      }
+    }
+  }
+}
+
+// One function per (dtype, width, instruction set): the generic body inlined into each.
+template <typename scalar_t>
+using Table = PointTable<at::opmath_type<scalar_t>>;
+
+template <typename scalar_t, int DEPTH>
+void forward_default(const scalar_t* v, const scalar_t* o, const scalar_t* m, scalar_t* out, const Geometry& geo,
+                     const Table<scalar_t>& table, int64_t begin, int64_t end) {
+  forward_range<scalar_t, DEPTH>(v, o, m, out, geo, table, begin, end);
+}
+
+template <typename scalar_t, typename grad_t, int DEPTH>
+void backward_default(const scalar_t* v, const scalar_t* o, const scalar_t* m, const scalar_t* go, grad_t* gv,
+                      scalar_t* goff, scalar_t* gm, const Geometry& geo, const Table<scalar_t>& table, int64_t begin,
+                      int64_t end) {
+  backward_range<scalar_t, grad_t, DEPTH>(v, o, m, go, gv, goff, gm, geo, table, begin, end);
+}
+
+#if DCNV3_X86_DISPATCH
+template <typename scalar_t, int DEPTH>
+DCNV3_AVX2 void forward_avx2(const scalar_t* v, const scalar_t* o, const scalar_t* m, scalar_t* out,
+                             const Geometry& geo, const Table<scalar_t>& table, int64_t begin, int64_t end) {
+  forward_range<scalar_t, DEPTH>(v, o, m, out, geo, table, begin, end);
+}
+
+template <typename scalar_t, typename grad_t, int DEPTH>
+DCNV3_AVX2 void backward_avx2(const scalar_t* v, const scalar_t* o, const scalar_t* m, const scalar_t* go,
+                              grad_t* gv, scalar_t* goff, scalar_t* gm, const Geometry& geo,
+                              const Table<scalar_t>& table, int64_t begin, int64_t end) {
+  backward_range<scalar_t, grad_t, DEPTH>(v, o, m, go, gv, goff, gm, geo, table, begin, end);
+}
+
+bool has_avx2() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+#endif
+
+template <typename scalar_t, int DEPTH>
+void forward_pixels(const scalar_t* v, const scalar_t* o, const scalar_t* m, scalar_t* out, const Geometry& geo,
+                    const Table<scalar_t>& table, int64_t begin, int64_t end) {
+#if DCNV3_X86_DISPATCH
+  if (has_avx2()) return forward_avx2<scalar_t, DEPTH>(v, o, m, out, geo, table, begin, end);
+#endif
+  forward_default<scalar_t, DEPTH>(v, o, m, out, geo, table, begin, end);
+}
+
+template <typename scalar_t, typename grad_t, int DEPTH>
+void backward_tasks(const scalar_t* v, const scalar_t* o, const scalar_t* m, const scalar_t* go, grad_t* gv,
+                    scalar_t* goff, scalar_t* gm, const Geometry& geo, const Table<scalar_t>& table, int64_t begin,
+                    int64_t end) {
+#if DCNV3_X86_DISPATCH
+  if (has_avx2()) return backward_avx2<scalar_t, grad_t, DEPTH>(v, o, m, go, gv, goff, gm, geo, table, begin, end);
+#endif
+  backward_default<scalar_t, grad_t, DEPTH>(v, o, m, go, gv, goff, gm, geo, table, begin, end);
+}
+
+// Calls `body` with the group width as a compile-time constant where it is a common one, else with 0.
+template <typename Body>
+void with_depth(int64_t depth, Body&& body) {
+  switch (depth) {
+    case 8: return body(std::integral_constant<int, 8>{});
+    case 16: return body(std::integral_constant<int, 16>{});
+    case 32: return body(std::integral_constant<int, 32>{});
+    case 64: return body(std::integral_constant<int, 64>{});
+    default: return body(std::integral_constant<int, 0>{});
+  }
+}
+
+}  // namespace
+
+torch::Tensor dcnv3_forward_cpu(const torch::Tensor& input, const torch::Tensor& offset, const torch::Tensor& mask,
+                                int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                                int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
+                                int64_t group_channels, double offset_scale, bool remove_center) {
+  const Geometry geo = dcnv3::check_arguments(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                                              pad_w, dilation_h, dilation_w, group, group_channels, offset_scale,
+                                              remove_center);
+  TORCH_CHECK(input.device().is_cpu(), "dcnv3_forward_cpu: tensors must be on the CPU");
+  const auto value = input.contiguous(), offsets = offset.contiguous(), masks = mask.contiguous();
+  auto output = torch::empty({geo.batch, geo.height_out, geo.width_out, geo.channels()}, input.options());
+  const int64_t pixels = geo.batch * geo.height_out * geo.width_out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_forward_cpu", [&] {
+    const scalar_t *v = value.data_ptr<scalar_t>(), *o = offsets.data_ptr<scalar_t>(), *m = masks.data_ptr<scalar_t>();
+    scalar_t* out = output.data_ptr<scalar_t>();
+    const Table<scalar_t> table(geo);
+    with_depth(geo.group_channels, [&](auto depth) {
+      at::parallel_for(0, pixels, 16, [&](int64_t begin, int64_t end) {
+        forward_pixels<scalar_t, decltype(depth)::value>(v, o, m, out, geo, table, begin, end);
+      });
+    });
+  });
+  return output;
+}
+
+std::vector<torch::Tensor> dcnv3_backward_cpu(const torch::Tensor& input, const torch::Tensor& offset,
+                                              const torch::Tensor& mask, const torch::Tensor& grad_output,
+                                              int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+                                              int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
+                                              int64_t group, int64_t group_channels, double offset_scale,
+                                              bool remove_center) {
+  const Geometry geo = dcnv3::check_arguments(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                                              pad_w, dilation_h, dilation_w, group, group_channels, offset_scale,
+                                              remove_center);
+  dcnv3::check_grad_output(grad_output, input, geo);
+  TORCH_CHECK(input.device().is_cpu(), "dcnv3_backward_cpu: tensors must be on the CPU");
+  const auto value = input.contiguous(), offsets = offset.contiguous(), masks = mask.contiguous();
+  const auto upstream = grad_output.contiguous();
+  // Half-precision value gradients are summed in float32, then rounded once.
+  auto grad_value = torch::zeros(input.sizes(), input.options().dtype(at::toOpMathType(input.scalar_type())));
+  auto grad_offset = torch::empty_like(offsets);
+  auto grad_mask = torch::empty_like(masks);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *v = value.data_ptr<scalar_t>(), *o = offsets.data_ptr<scalar_t>(), *m = masks.data_ptr<scalar_t>();
+    const scalar_t* go = upstream.data_ptr<scalar_t>();
+    acc_t* gv = grad_value.data_ptr<acc_t>();
+    scalar_t *goff = grad_offset.data_ptr<scalar_t>(), *gm = grad_mask.data_ptr<scalar_t>();
+    const Table<scalar_t> table(geo);
+    with_depth(geo.group_channels, [&](auto depth) {
+      at::parallel_for(0, geo.batch * geo.group, 1, [&](int64_t begin, int64_t end) {
+        backward_tasks<scalar_t, acc_t, decltype(depth)::value>(v, o, m, go, gv, goff, gm, geo, table, begin, end);
+      });
+    });
+  });
+  return {grad_value.to(input.scalar_type()), grad_offset, grad_mask};
+}

@@ -1,0 +1,24 @@
+#include <torch/library.h>
+
+#include "registration.h"
+#include "torch_binding.h"
+
+TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
+  ops.def(
+      "dcnv3_forward(Tensor input, Tensor offset, Tensor mask, int kernel_h, int kernel_w, int stride_h, "
+      "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, "
+      "float offset_scale, bool remove_center) -> Tensor");
+  ops.def(
+      "dcnv3_backward(Tensor input, Tensor offset, Tensor mask, Tensor grad_output, int kernel_h, int kernel_w, "
+      "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, "
+      "int group_channels, float offset_scale, bool remove_center) -> Tensor[]");
+#if defined(CPU_KERNEL)
+  ops.impl("dcnv3_forward", torch::kCPU, &dcnv3_forward_cpu);
+  ops.impl("dcnv3_backward", torch::kCPU, &dcnv3_backward_cpu);
+#elif defined(CUDA_KERNEL) || defined(ROCM_KERNEL)
+  ops.impl("dcnv3_forward", torch::kCUDA, &dcnv3_forward_cuda);
+  ops.impl("dcnv3_backward", torch::kCUDA, &dcnv3_backward_cuda);
+#endif
+}
+
+REGISTER_EXTENSION(TORCH_EXTENSION_NAME)
