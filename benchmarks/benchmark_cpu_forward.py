@@ -1,7 +1,8 @@
 """CPU forward latency of InternImage-T at 224 against transformers' ConvNeXt-T and Swin-T, built from config in the
 same run. Prints milliseconds and ratios to ConvNeXt-T; not a test (timings depend on the machine).
 
-"InternImage-T (original op)" is the same model with the original repository's PyTorch operator re-enacted step by
+"InternImage-T (CPU kernel)" runs the DCNv3 hub kernel's CPU variant built locally
+(`bash scripts/build_kernels.sh cpu`), when present. "InternImage-T (original op)" is the same model with the original repository's PyTorch operator re-enacted step by
 step (padding, float32 reference grids, grid_sample over (N*G, H*W, P) grids, mask multiply-sum, Tensor.softmax),
 so the gain of this package's operator is measured in the same run.
 
@@ -12,13 +13,17 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
 
 import modeling_internimage.modeling_internimage as modeling
-from modeling_internimage import DCNv3Core, InternImageConfig, InternImageModel
+from modeling_internimage import DCNv3Core, InternImageConfig, InternImageModel, use_hub_kernels, uses_hub_kernel
+
+
+KERNEL_BUILD = Path(__file__).resolve().parents[1] / "hub_kernels" / "dcnv3" / "build"
 
 
 def original_style_dcnv3(core: DCNv3Core, value, offset, mask):
@@ -98,8 +103,16 @@ def build_models() -> dict[str, torch.nn.Module]:
     internimage = InternImageModel(InternImageConfig.from_variant("t")).eval()
     original = with_original_style_op(InternImageModel(InternImageConfig.from_variant("t")).eval())
     original.original_style = True
-    return {"ConvNeXt-T": convnext.eval(), "Swin-T": swin.eval(), "InternImage-T": internimage,
-            "InternImage-T (original op)": original}  # fmt: skip
+    models = {"ConvNeXt-T": convnext.eval(), "Swin-T": swin.eval(), "InternImage-T": internimage,
+              "InternImage-T (original op)": original}  # fmt: skip
+    if KERNEL_BUILD.is_dir():
+        from kernels import LocalLayerRepository
+
+        with_kernel = InternImageModel(InternImageConfig.from_variant("t")).eval()
+        mapping = {"DCNv3": {"cpu": LocalLayerRepository(KERNEL_BUILD, layer_name="DCNv3")}}
+        if uses_hub_kernel(use_hub_kernels(with_kernel, mapping=mapping)):
+            models["InternImage-T (CPU kernel)"] = with_kernel
+    return models
 
 
 def main() -> None:

@@ -98,9 +98,9 @@ def compile_library(kernel_dir: Path, build: dict, backend: str, ops_name: str, 
     includes += [kernel_dir / inc for section in sections for inc in section.get("include", [])]
     (work_dir / "registration.h").write_text(REGISTRATION_HEADER)
     define = "-DCUDA_KERNEL" if backend == "cuda" else "-DCPU_KERNEL"
-    cflags = ["-O3", "-std=c++17", define]
+    cflags = ["-O3", define]  # the C++ standard is torch's own (C++17 up to 2.13, C++20 from 2.14)
     cflags += [flag for section in sections for flag in section.get("cxx-flags", [])]
-    cuda_flags = ["-O3", "-std=c++17", define, "--expt-relaxed-constexpr"]
+    cuda_flags = ["-O3", define, "--expt-relaxed-constexpr"]
     cuda_flags += [flag for section in sections for flag in section.get("cuda-flags", [])]
     if backend == "cuda":
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)

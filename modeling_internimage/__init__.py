@@ -13,6 +13,7 @@ from transformers import (
 
 from .configuration_internimage import INTERNIMAGE_EVAL_RESOLUTION, INTERNIMAGE_VARIANTS, InternImageConfig
 from .dcnv3 import DCNv3Core, dcnv3_core_pytorch
+from .hub_kernels import DCNV3_KERNEL_REPO_ID, dcnv3_kernel_mapping, use_hub_kernels, uses_hub_kernel
 from .image_processing_internimage import build_image_processor
 from .modeling_internimage import (
     OPENGVLAB_HUB_KEY_MAPPING,
@@ -36,6 +37,7 @@ InternImageForImageClassification.register_for_auto_class("AutoModelForImageClas
 InternImageBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
+    "DCNV3_KERNEL_REPO_ID",
     "INTERNIMAGE_EVAL_RESOLUTION",
     "INTERNIMAGE_VARIANTS",
     "OPENGVLAB_HUB_KEY_MAPPING",
@@ -48,4 +50,7 @@ __all__ = [
     "build_image_processor",
     "convert_original_key",
     "dcnv3_core_pytorch",
+    "dcnv3_kernel_mapping",
+    "use_hub_kernels",
+    "uses_hub_kernel",
 ]

@@ -1,0 +1,178 @@
+"""Tests of the dcnv3 kernel on its own: against a direct reference, with opcheck, gradcheck and torch.compile.
+
+The kernel under test is a built variant loaded through `kernels` (DCNV3_KERNEL_BUILD, default `../build`), so
+these tests exercise what would be published.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from kernels import get_local_kernel
+
+
+BUILD = Path(os.environ.get("DCNV3_KERNEL_BUILD", Path(__file__).resolve().parents[1] / "build"))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not BUILD.is_dir():
+        pytest.fail(f"no kernel build at {BUILD}: run `python hub_kernels/build_local.py dcnv3 --backend cpu`")
+    return get_local_kernel(BUILD)
+
+
+def settings(group, group_channels, kernel_size=3, stride=1, pad=1, dilation=1, offset_scale=1.0, remove_center=False):
+    return (kernel_size, kernel_size, stride, stride, pad, pad, dilation, dilation, group, group_channels,
+            offset_scale, remove_center)  # fmt: skip
+
+
+def reference_dcnv3(value, offset, mask, settings_):
+    """The DCNv3 definition computed point by point in float64 (slow, obviously right)."""
+    kh, kw, sh, sw, ph, pw, dh, dw, group, depth, scale, remove_center = settings_
+    value, offset, mask = value.double(), offset.double(), mask.double()
+    batch, height, width, _ = value.shape
+    _, out_h, out_w, _ = offset.shape
+    points = [(ix, iy) for ix in range(kw) for iy in range(kh)]
+    if remove_center:
+        points.pop((kh * kw - 1) // 2)
+    half_w, half_h = dw * (kw - 1) // 2, dh * (kh - 1) // 2
+    padded = torch.nn.functional.pad(value, (0, 0, 1, 1, 1, 1))  # one pixel of zeros around the map
+    output = value.new_zeros(batch, out_h, out_w, group * depth)
+    ys, xs = torch.meshgrid(torch.arange(out_h), torch.arange(out_w), indexing="ij")
+    for g in range(group):
+        for p, (ix, iy) in enumerate(points):
+            index = g * len(points) + p
+            x = xs * sw - pw + half_w + scale * (ix * dw - half_w + offset[..., 2 * index])
+            y = ys * sh - ph + half_h + scale * (iy * dh - half_h + offset[..., 2 * index + 1])
+            x0, y0 = x.floor(), y.floor()
+            inside = ((x > -1) & (y > -1) & (x < width) & (y < height)).double()
+            for cy, cx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                weight = (1 - (x - x0 - cx).abs()) * (1 - (y - y0 - cy).abs()) * inside
+                rows = (y0 + cy).clamp(-1, height).long() + 1
+                cols = (x0 + cx).clamp(-1, width).long() + 1
+                sample = padded[torch.arange(batch)[:, None, None], rows, cols, g * depth : (g + 1) * depth]
+                output[..., g * depth : (g + 1) * depth] += (mask[..., index] * weight)[..., None] * sample
+    return output
+
+
+def random_inputs(batch, height, width, group, depth, points, device="cpu", dtype=torch.float32, seed=0, out=None):
+    generator = torch.Generator().manual_seed(seed)
+    out_h, out_w = out or (height, width)
+    value = torch.randn(batch, height, width, group * depth, generator=generator)
+    offset = 2.5 * torch.randn(batch, out_h, out_w, group * points * 2, generator=generator)  # some fall outside
+    mask = torch.rand(batch, out_h, out_w, group * points, generator=generator)
+    return [tensor.to(device=device, dtype=dtype) for tensor in (value, offset, mask)]
+
+
+CASES = [
+    dict(group=4, group_channels=16),
+    dict(group=2, group_channels=32, offset_scale=2.0),
+    dict(group=3, group_channels=5, remove_center=True),
+    dict(group=2, group_channels=8, kernel_size=5, pad=2),
+    dict(group=1, group_channels=7, stride=2),
+    dict(group=2, group_channels=3, dilation=2, pad=2),
+]
+
+
+def output_size(size, case):
+    k, s, p, d = case.get("kernel_size", 3), case.get("stride", 1), case.get("pad", 1), case.get("dilation", 1)
+    return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_reference(kernel, device, case):
+    args = settings(**case)
+    points = args[0] * args[1] - int(args[-1])
+    out = (output_size(9, case), output_size(11, case))
+    value, offset, mask = random_inputs(2, 9, 11, case["group"], case["group_channels"], points, device, out=out)
+    torch.testing.assert_close(
+        kernel.dcnv3(value, offset, mask, *args).double().cpu(), reference_dcnv3(value, offset, mask, args).cpu(),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_half_precision_accumulates_in_float32(kernel, device, dtype, tolerance):
+    args = settings(4, 16)
+    value, offset, mask = random_inputs(2, 12, 10, 4, 16, 9, device, dtype)
+    output = kernel.dcnv3(value, offset, mask, *args)
+    assert output.dtype == dtype
+    expected = reference_dcnv3(value, offset, mask, args)
+    assert ((output.double().cpu() - expected.cpu()).abs().max() / expected.abs().max()).item() < tolerance
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES[:3])
+def test_gradcheck(kernel, device, case):
+    args = settings(**case)
+    points = args[0] * args[1] - int(args[-1])
+    inputs = [t.requires_grad_() for t in random_inputs(1, 5, 6, case["group"], 2, points, device, torch.float64)]
+    assert torch.autograd.gradcheck(lambda v, o, m: kernel.dcnv3(v, o, m, *settings(**{**case, "group_channels": 2})),
+                                    inputs, eps=1e-6, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(kernel, device):
+    args = settings(2, 8)
+    inputs = random_inputs(2, 6, 7, 2, 8, 9, device)
+    torch.library.opcheck(kernel.ops.dcnv3_forward, (*inputs, *args))
+    upstream = torch.randn(2, 6, 7, 16, device=device)
+    torch.library.opcheck(kernel.ops.dcnv3_backward, (*inputs, upstream, *args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(kernel, device):
+    args = settings(2, 8)
+    inputs = random_inputs(2, 6, 7, 2, 8, 9, device)
+    compiled = torch.compile(lambda v, o, m: kernel.dcnv3(v, o, m, *args) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), 2 * kernel.dcnv3(*inputs, *args))
+
+
+def test_large_batch_not_a_multiple_of_anything(kernel):
+    args = settings(1, 4)
+    inputs = random_inputs(257, 3, 3, 1, 4, 9)
+    output = kernel.dcnv3(*inputs, *args)
+    torch.testing.assert_close(output[256:], kernel.dcnv3(*[t[256:] for t in inputs], *args))
+
+
+def test_backward_is_deterministic(kernel):
+    args = settings(2, 8)
+    inputs = [t.requires_grad_() for t in random_inputs(2, 8, 8, 2, 8, 9)]
+    grads = []
+    for _ in range(2):
+        for tensor in inputs:
+            tensor.grad = None
+        kernel.dcnv3(*inputs, *args).sum().backward()
+        grads.append([tensor.grad.clone() for tensor in inputs])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda v, o, m: (v[..., :-1], o, m), "expected group \\* group_channels"),
+        (lambda v, o, m: (v, o[..., :-2], m), "offset has shape"),
+        (lambda v, o, m: (v, o, m[:1]), "mask has shape"),
+        (lambda v, o, m: (v, o.double(), m), "share a dtype"),
+        (lambda v, o, m: (v[0], o, m), "channels-last"),
+    ],
+)
+def test_bad_arguments_are_named(kernel, change, message):
+    inputs = change(*random_inputs(2, 6, 6, 2, 8, 9))
+    with pytest.raises(RuntimeError, match=message):
+        kernel.dcnv3(*inputs, *settings(2, 8))
+
+
+def test_remove_center_needs_odd_kernel(kernel):
+    inputs = random_inputs(1, 6, 6, 1, 4, 15, out=(7, 7))
+    with pytest.raises(RuntimeError, match="odd kernel"):
+        kernel.dcnv3(*inputs, 4, 4, 1, 1, 2, 2, 1, 1, 1, 4, 1.0, True)

@@ -1,0 +1,120 @@
+# Copyright 2026 The InternImage-HF authors. All rights reserved.
+#
+# Licensed under the MIT License.
+"""The compiled DCNv3 from the Hugging Face kernels hub, swapped into a loaded model with one call.
+
+`use_hub_kernels(model)` replaces the forward of every `DCNv3Core` by the hub kernel's `DCNv3` layer (CUDA on a GPU,
+C++ on a CPU). Where no kernel can be had (offline with an empty cache, a torch version without a build, an
+unsupported device) the model keeps the PyTorch operator and one warning says why; with `HF_HUB_OFFLINE=1` nothing
+is fetched. The swap is per instance and undone by calling again with `enabled=False`.
+"""
+
+import logging
+import os
+from types import MethodType
+
+import torch
+from kernels import (
+    Device,
+    KernelizeFallback,
+    LayerRepository,
+    Mode,
+    kernelize,
+    use_kernel_mapping,
+)
+
+from .dcnv3 import DCNv3Core
+
+
+logger = logging.getLogger(__name__)
+
+# The hub repo publishing the kernel (hub_kernels/dcnv3 built with kernel-builder); override with the environment.
+DCNV3_KERNEL_REPO_ID = os.environ.get("INTERNIMAGE_DCNV3_KERNEL_REPO", "internimage-hf/dcnv3")
+DCNV3_KERNEL_VERSION = 1
+DCNV3_LAYER_NAME = "DCNv3"
+KERNEL_DEVICES = ("cuda", "cpu")
+
+
+def dcnv3_kernel_mapping(repo_id: str | None = None, version: int = DCNV3_KERNEL_VERSION) -> dict:
+    """kernels mapping of the `DCNv3` layer to the hub repo, for CUDA and CPU. The repo is not a kernels-community
+    one, so loading it trusts its code explicitly."""
+    repository = LayerRepository(
+        repo_id or DCNV3_KERNEL_REPO_ID, layer_name=DCNV3_LAYER_NAME, version=version, trust_remote_code=True
+    )
+    return {DCNV3_LAYER_NAME: {device: repository for device in KERNEL_DEVICES}}
+
+
+def _model_device(model: torch.nn.Module) -> str:
+    parameter = next(model.parameters(), None)
+    return parameter.device.type if parameter is not None else "cpu"
+
+
+def _restore_pytorch_forward(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, DCNv3Core):
+            module.forward = MethodType(type(module).forward, module)
+
+
+def use_hub_kernels(
+    model: torch.nn.Module,
+    *,
+    enabled: bool = True,
+    mapping: dict | None = None,
+    mode: Mode | None = None,
+    strict: bool = False,
+) -> torch.nn.Module:
+    """Run the model's DCNv3 with the hub kernel for its device, in place; returns the model.
+
+    Call it again after moving the model to another device, or after `train()` / `eval()` when the kernel should
+    follow the mode (training needs the kernel's backward). `mapping` replaces the production mapping (e.g. a
+    `LocalLayerRepository` of a local build). With `strict=True` a kernel that cannot be loaded raises instead of
+    falling back.
+    """
+    if not enabled:
+        _restore_pytorch_forward(model)
+        return model
+    mapping = mapping if mapping is not None else dcnv3_kernel_mapping()
+    mode = mode if mode is not None else (Mode.TRAINING if model.training else Mode.INFERENCE)
+    device = _model_device(model)
+    if not any(_covers(key, device) for key in mapping.get(DCNV3_LAYER_NAME, {})):
+        message = f"no DCNv3 hub kernel for device '{device}'"
+        if strict:
+            raise RuntimeError(message)
+        logger.warning("%s; InternImage keeps the PyTorch DCNv3 operator.", message)
+        return model
+    fallback = KernelizeFallback.NONE if strict else KernelizeFallback.ALL
+    try:
+        with use_kernel_mapping(mapping, inherit_mapping=False):
+            kernelize(model, mode=mode, device=device, use_fallback=fallback)
+    except Exception as error:  # kernels raises several types (offline, trust, version); all mean "no kernel"
+        _restore_pytorch_forward(model)
+        if strict:
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.warning("DCNv3 hub kernel unavailable (%s); InternImage keeps the PyTorch DCNv3 operator.", reason)
+        return model
+    if not uses_hub_kernel(model) and not strict:
+        logger.warning(
+            "No compatible DCNv3 hub kernel build for this system (torch %s, %s, mode %s); InternImage keeps the "
+            "PyTorch DCNv3 operator.", torch.__version__, device, mode,
+        )  # fmt: skip
+    return model
+
+
+def _covers(key: str | Device, device: str) -> bool:
+    return (key.type if isinstance(key, Device) else key) == device
+
+
+def uses_hub_kernel(model: torch.nn.Module) -> bool:
+    """Whether the model's DCNv3 cores currently run a hub kernel's forward."""
+    cores = [module for module in model.modules() if isinstance(module, DCNv3Core)]
+    return bool(cores) and all(module.forward.__func__ is not DCNv3Core.forward for module in cores)
+
+
+__all__ = [
+    "DCNV3_KERNEL_REPO_ID",
+    "DCNV3_KERNEL_VERSION",
+    "dcnv3_kernel_mapping",
+    "use_hub_kernels",
+    "uses_hub_kernel",
+]

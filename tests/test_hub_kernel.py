@@ -1,0 +1,254 @@
+"""The DCNv3 hub kernel (CPU variant, built locally) inside InternImage: fixtures, kernelize paths, fallback."""
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROJECT_ROOT, load_fixture_case
+from kernels import LocalLayerRepository, Mode, get_local_kernel, kernelize, use_kernel_mapping
+from safetensors import safe_open
+from test_reference_fixtures import OP_PARAMS, relative_error
+
+from modeling_internimage import (
+    DCNv3Core,
+    InternImageConfig,
+    InternImageForImageClassification,
+    use_hub_kernels,
+    uses_hub_kernel,
+)
+
+
+sys.path.insert(0, str(PROJECT_ROOT / "hub_kernels"))
+import build_local  # noqa: E402
+
+
+KERNEL_DIR = PROJECT_ROOT / "hub_kernels" / "dcnv3"
+
+
+@pytest.fixture(scope="session")
+def kernel_build() -> Path:
+    """The CPU variant of the kernel for the installed torch, built now unless already there."""
+    variant = KERNEL_DIR / "build" / build_local.variant_name("cpu")
+    if not (variant / "metadata.json").exists():
+        build_local.build_variant("dcnv3", "cpu", [])
+    return KERNEL_DIR / "build"
+
+
+@pytest.fixture(scope="session")
+def kernel(kernel_build):
+    return get_local_kernel(kernel_build)
+
+
+def local_mapping(build: Path) -> dict:
+    return {"DCNv3": {"cpu": LocalLayerRepository(build, layer_name="DCNv3")}}
+
+
+def fixture_model(name: str = "tiny_h") -> tuple[InternImageForImageClassification, dict]:
+    description, state_dict, io = load_fixture_case(name)
+    model = InternImageForImageClassification(InternImageConfig(**description["original_constructor_kwargs"]))
+    model.load_original_state_dict(state_dict)
+    return model.eval(), io
+
+
+@pytest.mark.parametrize("case", ["basic", "dilation2", "kernel5", "offset_scale2", "remove_center",
+                                  "single_channel", "stride2", "wide_group"])  # fmt: skip
+def test_cpu_kernel_matches_original_op_fixtures(kernel, case, fixtures_dir):
+    with safe_open(fixtures_dir / "dcnv3_op" / f"{case}.safetensors", "pt") as f:
+        params = json.loads(f.metadata()["params"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    inputs = [tensors[key].clone().requires_grad_() for key in ("input", "offset", "mask")]
+    settings = [params[key] for key in OP_PARAMS]
+    settings[-1] = bool(settings[-1])
+    output = kernel.dcnv3(*inputs, *settings)
+    output.backward(tensors["grad_output"])
+    assert relative_error(output, tensors["output"]) <= 1e-5
+    for tensor, key in zip(inputs, ("grad_input", "grad_offset", "grad_mask")):
+        assert relative_error(tensor.grad, tensors[key]) <= 1e-5, key
+
+
+def test_kernelize_with_local_repository_matches_pytorch(kernel_build):
+    model, io = fixture_model("tiny_h")
+    pixel_values = io["input0.pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values, output_hidden_states=True)
+    use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
+    assert uses_hub_kernel(model)
+    with torch.no_grad():
+        actual = model(pixel_values, output_hidden_states=True)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=0)
+    for got, wanted in zip(actual.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(got, wanted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(actual.logits, io["input0.logits"], atol=1e-4, rtol=0)
+    use_hub_kernels(model, enabled=False)
+    assert not uses_hub_kernel(model)
+
+
+def test_training_mode_kernel_gives_pytorch_gradients(kernel_build):
+    model, io = fixture_model("tiny_t")
+    model.train()
+    pixel_values, labels = io["input0.pixel_values"], torch.tensor([1, 7])
+    model(pixel_values, labels=labels).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if "dcn" in name}
+    model.zero_grad()
+    use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
+    assert uses_hub_kernel(model)
+    model(pixel_values, labels=labels).loss.backward()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, gradient, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_compile_of_kernelized_model_matches_eager(kernel_build):
+    model, io = fixture_model("tiny_t")
+    use_hub_kernels(model, mapping=local_mapping(kernel_build), mode=Mode.INFERENCE | Mode.TORCH_COMPILE, strict=True)
+    assert uses_hub_kernel(model)
+    pixel_values = io["input0.pixel_values"]
+    with torch.no_grad():
+        eager = model(pixel_values).logits
+        compiled = torch.compile(model, fullgraph=True)(pixel_values).logits
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_use_kernels_swaps_in_the_kernel(kernel_build, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model, io = fixture_model("tiny_t")
+    model.save_pretrained(tmp_path)
+    with use_kernel_mapping(local_mapping(kernel_build)):
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path, use_kernels=True)
+    assert uses_hub_kernel(reloaded)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(io["input0.pixel_values"]).logits, io["input0.logits"], atol=1e-4,
+                                   rtol=0)  # fmt: skip
+
+
+PRODUCTION_SCRIPT = textwrap.dedent(
+    """
+    import logging, socket, sys
+    import torch
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    socket.socket.connect = no_network
+    socket.create_connection = no_network
+    logging.basicConfig(level=logging.WARNING, format="WARNING:%(name)s:%(message)s")
+    from modeling_internimage import InternImageConfig, InternImageModel, use_hub_kernels, uses_hub_kernel
+
+    model = InternImageModel(InternImageConfig(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8])).eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(pixel_values).pooler_output
+    use_hub_kernels(model)
+    with torch.no_grad():
+        difference = (model(pixel_values).pooler_output - expected).abs().max().item()
+    print(f"swapped={uses_hub_kernel(model)} difference={difference:.2e}")
+    """
+)
+
+
+def run_production_mapping(tmp_path: Path, cache: Path) -> subprocess.CompletedProcess:
+    """`use_hub_kernels(model)` with the production LayerRepository(version=1), offline, against `cache`."""
+    (tmp_path / "production.py").write_text(PRODUCTION_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "KERNELS_CACHE": str(cache),
+           "INTERNIMAGE_DCNV3_KERNEL_REPO": "test-org/dcnv3"}  # fmt: skip
+    return subprocess.run([sys.executable, str(tmp_path / "production.py")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_production_repository_loads_from_offline_hub_cache(kernel_build, tmp_path):
+    repo = tmp_path / "cache" / "kernels--test-org--dcnv3"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "v1").write_text(commit)
+    shutil.copytree(kernel_build, repo / "snapshots" / commit / "build", ignore=shutil.ignore_patterns(".*"))
+    result = run_production_mapping(tmp_path, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    swapped, difference = result.stdout.split()[-2:]
+    assert swapped == "swapped=True"
+    assert float(difference.split("=")[1]) <= 1e-5
+
+
+def test_missing_kernel_falls_back_with_one_warning_and_no_network(tmp_path):
+    (tmp_path / "empty-cache").mkdir()
+    result = run_production_mapping(tmp_path, tmp_path / "empty-cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "swapped=False difference=0.00e+00" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING:modeling_internimage")]
+    assert len(warnings) == 1 and "keeps the PyTorch DCNv3 operator" in warnings[0], result.stderr
+
+
+def test_unsupported_device_falls_back_with_a_warning(caplog):
+    model = InternImageForImageClassification(InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8]))
+    mapping = {"DCNv3": {"cuda": LocalLayerRepository(KERNEL_DIR / "build", layer_name="DCNv3")}}
+    with caplog.at_level("WARNING", logger="modeling_internimage.hub_kernels"):
+        use_hub_kernels(model, mapping=mapping)
+    assert not uses_hub_kernel(model)
+    assert len(caplog.records) == 1 and "device 'cpu'" in caplog.records[0].getMessage()
+
+
+def test_mismatching_layer_signature_is_caught(tmp_path, caplog):
+    """A hub layer whose forward takes other arguments than the core's is refused by kernels' layer validation."""
+    variant = tmp_path / "build" / "torch-cpu"  # a pure-Python (noarch) variant: no compiled op involved
+    variant.mkdir(parents=True)
+    metadata = {"name": "dcnv3", "id": "_dcnv3_signature_test", "version": 1, "license": "MIT",
+                "backend": {"type": "cpu"}, "python-depends": []}  # fmt: skip
+    (variant / "metadata.json").write_text(json.dumps(metadata))
+    (variant / "__init__.py").write_text("from . import layers\n__all__ = ['layers']\n")
+    (variant / "layers.py").write_text(
+        "from torch import nn\n\n\nclass DCNv3(nn.Module):\n    def forward(self, value, offset):\n"
+        "        return value\n"
+    )
+    model, _ = fixture_model("tiny_t")
+    with pytest.raises(TypeError, match="does not match `DCNv3Core`: different number of arguments"):
+        use_hub_kernels(model, mapping=local_mapping(tmp_path / "build"), strict=True)
+    with caplog.at_level("WARNING", logger="modeling_internimage.hub_kernels"):
+        use_hub_kernels(model, mapping=local_mapping(tmp_path / "build"))
+    assert not uses_hub_kernel(model) and len(caplog.records) == 1
+
+
+def test_hub_layer_source_matches_the_core_module():
+    """Without importing the compiled kernel: the hub layer keeps kernels' rules and the core's forward arity."""
+    tree = ast.parse((KERNEL_DIR / "torch-ext" / "dcnv3" / "layers.py").read_text())
+    (layer,) = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    methods = [node.name for node in layer.body if isinstance(node, ast.FunctionDef)]
+    assigned = [target.id for node in layer.body if isinstance(node, ast.Assign) for target in node.targets]
+    assert methods == ["forward"] and set(assigned) <= {"can_torch_compile", "has_backward"}
+    forward = next(node for node in layer.body if isinstance(node, ast.FunctionDef))
+    import inspect
+
+    assert len(forward.args.args) == len(inspect.signature(DCNv3Core.forward).parameters)
+    attributes = {node.target.id for node in layer.body if isinstance(node, ast.AnnAssign)}
+    core = DCNv3Core()
+    assert attributes <= set(vars(core)), attributes - set(vars(core))
+
+
+def test_build_toml_and_metadata_parse_with_the_kernels_library(kernel_build):
+    from kernels._rust import Backend, Build, Metadata
+
+    build = Build.open(KERNEL_DIR)
+    assert set(build.general.backends) == {Backend.CPU, Backend.CUDA}
+    for variant in kernel_build.iterdir():
+        if (variant / "metadata.json").exists():
+            metadata = Metadata.read_from_file(variant / "metadata.json")
+            assert metadata.version == 1 and metadata.id.startswith("_dcnv3_")
+
+
+def test_cuda_variant_is_compiled_for_sm80_and_sm90():
+    """scripts/build_kernels.sh compiles the CUDA sources with nvcc (no GPU needed); CI runs it before the tests."""
+    variants = [path for path in (KERNEL_DIR / "build").glob("torch*-cu*-*") if (path / "metadata.json").exists()]
+    assert variants, "no CUDA variant built: run `bash scripts/build_kernels.sh cuda`"
+    (variant,) = variants
+    metadata = json.loads((variant / "metadata.json").read_text())
+    assert metadata["backend"] == {"type": "cuda", "archs": ["8.0", "9.0"]}
+    assert metadata["id"] == f"_dcnv3_cuda_{build_local.source_revision(KERNEL_DIR)}", "CUDA build is stale"
+    library = (variant / f"{metadata['id']}.abi3.so").read_bytes()
+    assert b"sm_80" in library and b"sm_90" in library
+    assert b"dcnv3_forward_kernel" in library and b"dcnv3_backward_kernel" in library
+    assert {path.name for path in variant.iterdir()} >= {"__init__.py", "layers.py", "_ops.py", "metadata.json"}
