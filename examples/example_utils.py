@@ -1,0 +1,132 @@
+"""What the three Trainer scripts share: model sources, output-directory safety, metrics with an offline
+fallback, argument checks, and the final save-reload check."""
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, TrainingArguments
+
+from modeling_internimage import INTERNIMAGE_VARIANTS, InternImageConfig
+
+
+logger = logging.getLogger(__name__)
+
+# Presets trained from scratch: a released architecture ("t" ... "g"), or "tiny", InternImage-T's block design at
+# a width and depth that train in minutes on a CPU.
+TINY_PRESET = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0}
+
+
+class ExampleError(SystemExit):
+    """Bad arguments or data, reported before training starts as one line."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "A converted directory, a Hub id (OpenGVLab's repos included), or a preset to train from "
+                          "scratch: tiny, t, s, b, l, xl, h, g."},  # fmt: skip
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's"})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded models"})
+    model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)"})
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor name or path"})
+    token: str | None = field(default=None, metadata={"help": "Hub token (else the stored login)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from a Hub repo"})
+    ignore_mismatched_sizes: bool = field(default=True, metadata={"help": "Replace a head of another size"})
+    use_hub_kernels: bool = field(default=False, metadata={"help": "Run DCNv3 with the kernels-hub kernel"})
+
+
+@dataclass
+class OutputArguments:
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output directory"})
+
+
+def is_preset(name: str) -> bool:
+    return name.lower() == "tiny" or name.lower().removeprefix("internimage").lstrip("-_") in INTERNIMAGE_VARIANTS
+
+
+def preset_config(name: str, **kwargs) -> InternImageConfig:
+    if name.lower() == "tiny":
+        return InternImageConfig(**TINY_PRESET, **kwargs)
+    return InternImageConfig.from_variant(name, **kwargs)
+
+
+def load_config(model_args: ModelArguments, **kwargs):
+    """The configuration to build or fine-tune: a preset, or the pretrained model's (with `kwargs` applied)."""
+    if model_args.config_name is None and is_preset(model_args.model_name_or_path):
+        return preset_config(model_args.model_name_or_path, **kwargs)
+    return AutoConfig.from_pretrained(
+        model_args.config_name or model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+        **kwargs,
+    )
+
+
+def prepare_output_dir(training_args: TrainingArguments, output_args: OutputArguments, task: str) -> None:
+    """A fresh directory under outputs/ when none is given; never write into a non-empty one unless asked to
+    overwrite or resume."""
+    if training_args.output_dir is None:
+        training_args.output_dir = str(Path("outputs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir = Path(training_args.output_dir)
+    resuming = training_args.resume_from_checkpoint is not None
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_args.overwrite_output_dir or resuming):
+        raise ExampleError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir or "
+                           "--resume_from_checkpoint")  # fmt: skip
+
+
+def log_run_setup(training_args: TrainingArguments) -> None:
+    logger.info("training with %d process(es) on %s, output in %s", training_args.world_size, training_args.device,
+                training_args.output_dir)  # fmt: skip
+
+
+def require_columns(dataset, columns: dict[str, str]) -> None:
+    """`columns` maps a role to the column name given; each must exist."""
+    for role, name in columns.items():
+        if name not in dataset.column_names:
+            raise ExampleError(
+                f"--{role} '{name}' is not a column of the dataset (columns: {', '.join(dataset.column_names)})"
+            )
+
+
+def load_metric(name: str, torchmetrics_factory):
+    """`evaluate.load(name)` where it can be loaded, else the given torchmetrics metric (offline). Returns the
+    metric object and the library that computes it, which the scripts log."""
+    try:
+        import evaluate
+
+        return evaluate.load(name), "evaluate"
+    except Exception as error:  # offline, or not on this evaluate version
+        logger.info("evaluate.load(%r) unavailable (%s); using torchmetrics", name, str(error).splitlines()[0])
+        return torchmetrics_factory(), "torchmetrics"
+
+
+def enable_hub_kernels(model: torch.nn.Module, model_args: ModelArguments) -> None:
+    if model_args.use_hub_kernels:
+        from modeling_internimage import use_hub_kernels
+
+        use_hub_kernels(model)
+
+
+def check_reload(model: torch.nn.Module, model_class, output_dir: str, inputs: dict) -> float:
+    """Reload the saved model with `model_class.from_pretrained` and return the largest output difference."""
+    reloaded = model_class.from_pretrained(output_dir).to(model.device).eval()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs)
+        actual = reloaded(**inputs)
+    return (actual.logits - expected.logits).abs().max().item()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

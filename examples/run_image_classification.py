@@ -1,0 +1,285 @@
+"""Fine-tune (or train from scratch) InternImage for image classification with transformers' Trainer.
+
+    python examples/run_image_classification.py                       # offline demo: a tiny InternImage on digits
+    python examples/run_image_classification.py --dataset_name beans --model_name_or_path converted/internimage-t-1k-224 \\
+        --output_dir outputs/beans --do_train --do_eval --num_train_epochs 5 --learning_rate 1e-4
+    python examples/run_image_classification.py --train_dir data/train --validation_dir data/val ...   # imagefolder
+
+Without --dataset_name or --train_dir the embedded default is used: scikit-learn's handwritten digits, so the
+command runs on a fresh machine without network. Metrics land in <output_dir>/eval_results.json, a confusion
+matrix in <output_dir>/confusion_matrix.png.
+"""
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from datasets import ClassLabel, load_dataset
+from example_utils import (
+    ExampleError,
+    ModelArguments,
+    OutputArguments,
+    check_reload,
+    enable_hub_kernels,
+    is_main_process,
+    is_preset,
+    load_config,
+    load_metric,
+    log_run_setup,
+    prepare_output_dir,
+    require_columns,
+)
+from PIL import Image, ImageDraw
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.utils import logging as hf_logging
+
+import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
+from modeling_internimage import InternImageForImageClassification, build_image_processor
+
+
+logger = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Training settings of the embedded digits demo; any flag given on the command line wins.
+DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "15", "--learning_rate", "2e-3",
+                 "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
+                 "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay",
+                 "0.05", "--warmup_steps", "40", "--lr_scheduler_type", "cosine", "--remove_unused_columns", "false",
+                 "--use_cpu", "--report_to", "none", "--seed", "0"]  # fmt: skip
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (default: embedded digits)"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name"})
+    train_dir: str | None = field(default=None, metadata={"help": "imagefolder of training images"})
+    validation_dir: str | None = field(default=None, metadata={"help": "imagefolder of validation images"})
+    train_val_split: float = field(default=0.15, metadata={"help": "Validation fraction when there is none"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set"})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images"})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the labels"})
+    image_size: int | None = field(default=None, metadata={"help": "Training resolution (default: processor's)"})
+    random_crop_scale: float = field(default=0.7, metadata={"help": "Smallest area fraction of random crops"})
+    horizontal_flip_probability: float = field(default=0.5, metadata={"help": "Random horizontal flips"})
+
+
+def uses_embedded_data(argv: list[str]) -> bool:
+    return not any(flag in argv for flag in ("--dataset_name", "--train_dir"))
+
+
+def parse_arguments(argv: list[str]):
+    if uses_embedded_data(argv):
+        # Digits must not be mirrored, and they are small: train at 64x64.
+        argv = DEMO_DEFAULTS + ["--horizontal_flip_probability", "0", "--image_size", "64"] + argv
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OutputArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_image_folder(directory: str, role: str) -> None:
+    path = Path(directory)
+    if not path.is_dir():
+        raise ExampleError(f"--{role} {directory} is not a directory")
+    classes = {p.parent.name for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    if not classes:
+        raise ExampleError(f"--{role} {directory} holds no images (expected one subfolder of images per class)")
+    if len(classes) < 2:
+        raise ExampleError(f"--{role} {directory} has 1 class ({classes.pop()}); classification needs at least two")
+
+
+def load_data(data_args: DataTrainingArguments, seed: int):
+    if data_args.dataset_name:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    elif data_args.train_dir:
+        check_image_folder(data_args.train_dir, "train_dir")
+        data_files = {"train": str(Path(data_args.train_dir) / "**")}
+        if data_args.validation_dir:
+            check_image_folder(data_args.validation_dir, "validation_dir")
+            data_files["validation"] = str(Path(data_args.validation_dir) / "**")
+        dataset = load_dataset("imagefolder", data_files=data_files)
+    else:
+        from digits_data import digits_classification
+
+        dataset = digits_classification()
+    if "validation" not in dataset:
+        split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None:
+            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
+    require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
+                                       "label_column_name": data_args.label_column_name})  # fmt: skip
+    label_feature = dataset["train"].features[data_args.label_column_name]
+    if not isinstance(label_feature, ClassLabel):
+        raise ExampleError(f"--label_column_name '{data_args.label_column_name}' is not a class label column "
+                           f"({label_feature})")  # fmt: skip
+    if len(label_feature.names) < 2:
+        raise ExampleError(f"the label column '{data_args.label_column_name}' has {len(label_feature.names)} class; "
+                           "classification needs at least two")  # fmt: skip
+    return dataset, label_feature.names
+
+
+def load_model_and_processor(model_args: ModelArguments, labels: list[str], image_size: int | None):
+    id2label = dict(enumerate(labels))
+    label2id = {label: idx for idx, label in id2label.items()}
+    config = load_config(model_args, num_labels=len(labels), id2label=id2label, label2id=label2id)
+    if is_preset(model_args.model_name_or_path):
+        model = InternImageForImageClassification(config)
+        processor = build_image_processor(size=image_size or 224)
+    else:
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision, token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        )  # fmt: skip
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.model_name_or_path)
+        except OSError:
+            processor = build_image_processor(size=image_size or 224)
+        if image_size is not None:
+            processor = build_image_processor(size=image_size)
+    return model, processor
+
+
+def processor_size(processor) -> int:
+    crop = getattr(processor, "crop_size", None) or {}
+    return crop.get("height") or processor.size.get("shortest_edge") or processor.size["height"]
+
+
+def make_transforms(data_args: DataTrainingArguments, processor):
+    size = processor_size(processor)
+    augment = A.Compose(
+        [
+            A.SmallestMaxSize(max_size=size),
+            A.RandomResizedCrop(size=(size, size), scale=(data_args.random_crop_scale, 1.0)),
+            A.HorizontalFlip(p=data_args.horizontal_flip_probability),
+        ]
+    )
+
+    def train_transform(batch):
+        images = [augment(image=np.asarray(image.convert("RGB")))["image"] for image in batch[data_args.image_column_name]]
+        batch["pixel_values"] = list(processor(images, return_tensors="pt")["pixel_values"])
+        return batch
+
+    def eval_transform(batch):
+        images = [image.convert("RGB") for image in batch[data_args.image_column_name]]
+        batch["pixel_values"] = list(processor(images, return_tensors="pt")["pixel_values"])
+        return batch
+
+    return train_transform, eval_transform
+
+
+def collate(examples, label_column: str) -> dict:
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example[label_column] for example in examples]),
+    }
+
+
+def accuracy_function(num_labels: int):
+    from torchmetrics.classification import MulticlassAccuracy
+
+    metric, library = load_metric("accuracy", lambda: MulticlassAccuracy(num_classes=num_labels, average="micro"))
+    logger.info("accuracy is computed by %s", library)
+
+    def compute_metrics(prediction):
+        predicted = np.argmax(prediction.predictions, axis=1)
+        if library == "evaluate":
+            return metric.compute(predictions=predicted, references=prediction.label_ids)
+        return {"accuracy": metric(torch.from_numpy(predicted), torch.from_numpy(prediction.label_ids)).item()}
+
+    return compute_metrics
+
+
+def save_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, names: list[str], path: Path) -> None:
+    """A PNG confusion matrix (rows: true class, columns: predicted), darker cells for more images."""
+    count = len(names)
+    matrix = np.zeros((count, count), dtype=int)
+    np.add.at(matrix, (labels, predictions.argmax(1)), 1)
+    cell, margin = 36, 60
+    image = Image.new("RGB", (margin + cell * count + 10, margin + cell * count + 10), "white")
+    draw = ImageDraw.Draw(image)
+    peak = max(matrix.max(), 1)
+    for row in range(count):
+        draw.text((5, margin + row * cell + cell // 3), names[row][:7], fill="black")
+        draw.text((margin + row * cell + 4, 5), names[row][:5], fill="black")
+        for column in range(count):
+            shade = int(255 * (1 - matrix[row, column] / peak))
+            box = [margin + column * cell, margin + row * cell, margin + (column + 1) * cell - 1,
+                   margin + (row + 1) * cell - 1]  # fmt: skip
+            draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
+            draw.text((box[0] + 6, box[1] + 11), str(matrix[row, column]), fill="black" if shade > 120 else "white")
+    draw.text((5, margin - 20), "true \\ predicted", fill="black")
+    image.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    hf_logging.set_verbosity_warning()
+    prepare_output_dir(training_args, output_args, "image-classification")
+    log_run_setup(training_args)
+    started = time.time()
+
+    dataset, labels = load_data(data_args, training_args.seed)
+    model, processor = load_model_and_processor(model_args, labels, data_args.image_size)
+    enable_hub_kernels(model, model_args)
+    train_transform, eval_transform = make_transforms(data_args, processor)
+    dataset["train"].set_transform(train_transform)
+    dataset["validation"].set_transform(eval_transform)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"] if training_args.do_train else None,
+        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        processing_class=processor,
+        data_collator=lambda examples: collate(examples, data_args.label_column_name),
+        compute_metrics=accuracy_function(len(labels)),
+    )
+    results = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        prediction = trainer.predict(dataset["validation"], metric_key_prefix="eval")
+        trainer.log_metrics("eval", prediction.metrics)
+        trainer.save_metrics("eval", prediction.metrics)
+        results = prediction.metrics
+        if trainer.is_world_process_zero():
+            save_confusion_matrix(prediction.predictions, prediction.label_ids, labels,
+                                  Path(training_args.output_dir) / "confusion_matrix.png")  # fmt: skip
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-classification",
+            "dataset": data_args.dataset_name or "scikit-learn digits", "tags": ["image-classification", "internimage"]}  # fmt: skip
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(**card)
+
+    if training_args.do_train and is_main_process():
+        batch = collate([dataset["validation"][idx] for idx in range(min(4, len(dataset["validation"])))],
+                        data_args.label_column_name)  # fmt: skip
+        inputs = {"pixel_values": batch["pixel_values"].to(trainer.model.device)}
+        difference = check_reload(trainer.model, AutoModelForImageClassification, training_args.output_dir, inputs)
+        results["reload_max_difference"] = difference
+        print(f"\nsummary: validation accuracy {results.get('eval_accuracy', float('nan')):.4f}, "
+              f"{time.time() - started:.0f} s, model in {training_args.output_dir} "
+              f"(reloaded with AutoModelForImageClassification, max logit difference {difference:.1e})")  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Object detection with transformers' RT-DETR on an InternImage backbone, trained with Trainer.
+
+Why RT-DETR: it is a DETR-family detector built on the same multi-scale deformable attention as Deformable DETR and
+DINO (the paper's detectors; transformers loads that attention's kernel from the kernels hub for all of them), and
+its hybrid encoder, IoU-aware query selection and denoising queries make it converge in a fraction of Deformable
+DETR's epochs, which is what fine-tuning on a new dataset (and this script's CPU demo) needs.
+
+    python examples/run_object_detection.py                          # offline demo: digits pasted on canvases
+    python examples/run_object_detection.py --dataset_name cppe-5 --model_name_or_path converted/internimage-t-1k-224 \\
+        --output_dir out --image_size 640 --num_train_epochs 30 ...
+    python examples/run_object_detection.py --train_dir data/train --validation_dir data/val ...
+
+Local folders are imagefolders with a metadata.jsonl (`file_name`, `image_id`, `objects` with COCO `bbox` [x, y,
+w, h] in pixels and `category`); class names from --id2label_file. Metrics (COCO mAP by pycocotools) land in
+<output_dir>/eval_results.json (`eval_map`, `eval_map_50`, ...), predicted boxes on validation images in
+<output_dir>/predictions.png.
+"""
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from datasets import ClassLabel, Sequence, load_dataset
+from example_utils import (
+    ExampleError,
+    ModelArguments,
+    OutputArguments,
+    enable_hub_kernels,
+    is_main_process,
+    is_preset,
+    load_config,
+    log_run_setup,
+    prepare_output_dir,
+    require_columns,
+)
+from PIL import Image, ImageDraw
+from transformers import (
+    AutoConfig,
+    AutoModelForObjectDetection,
+    HfArgumentParser,
+    RTDetrConfig,
+    RTDetrForObjectDetection,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.image_transforms import center_to_corners_format
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.utils import logging as hf_logging
+
+import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
+from modeling_internimage import InternImageBackbone, InternImageConfig
+
+
+logger = logging.getLogger(__name__)
+BACKBONE_STAGES = ["stage2", "stage3", "stage4"]
+DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "40", "--learning_rate", "1e-3",
+                 "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                 "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay", "1e-4",
+                 "--warmup_steps", "50", "--lr_scheduler_type", "cosine", "--max_grad_norm", "0.1",
+                 "--remove_unused_columns", "false", "--use_cpu", "--report_to", "none", "--seed", "0"]  # fmt: skip
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (default: embedded digits)"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name"})
+    train_dir: str | None = field(default=None, metadata={"help": "imagefolder with metadata.jsonl"})
+    validation_dir: str | None = field(default=None, metadata={"help": "imagefolder with metadata.jsonl"})
+    train_val_split: float = field(default=0.15, metadata={"help": "Validation fraction when there is none"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set"})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images"})
+    objects_column_name: str = field(default="objects", metadata={"help": "Column with bbox and category"})
+    id2label_file: str | None = field(default=None, metadata={"help": "JSON {id: name} of the classes"})
+    image_size: int = field(default=640, metadata={"help": "Square training size (multiple of 32)"})
+    detector_width: int = field(default=256, metadata={"help": "RT-DETR hidden size when its head is new"})
+    num_queries: int = field(default=300, metadata={"help": "Object queries when the head is new"})
+    decoder_layers: int = field(default=6, metadata={"help": "Decoder layers when the head is new"})
+
+
+def uses_embedded_data(argv: list[str]) -> bool:
+    return not any(flag in argv for flag in ("--dataset_name", "--train_dir"))
+
+
+def parse_arguments(argv: list[str]):
+    if uses_embedded_data(argv):
+        argv = DEMO_DEFAULTS + ["--image_size", "96", "--detector_width", "64", "--num_queries", "30",
+                                "--decoder_layers", "3"] + argv  # fmt: skip
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OutputArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_data(data_args: DataTrainingArguments, seed: int):
+    if data_args.dataset_name:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    elif data_args.train_dir:
+        for role, directory in (("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)):
+            if directory and not (Path(directory) / "metadata.jsonl").is_file():
+                raise ExampleError(f"--{role} {directory} has no metadata.jsonl (COCO-style boxes per image)")
+        data_files = {"train": str(Path(data_args.train_dir) / "**")}
+        if data_args.validation_dir:
+            data_files["validation"] = str(Path(data_args.validation_dir) / "**")
+        dataset = load_dataset("imagefolder", data_files=data_files)
+    else:
+        from digits_data import digits_scenes
+
+        dataset = digits_scenes()
+    if "validation" not in dataset:
+        split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None:
+            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
+    require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
+                                       "objects_column_name": data_args.objects_column_name})  # fmt: skip
+    return dataset, class_names(dataset, data_args)
+
+
+def class_names(dataset, data_args: DataTrainingArguments) -> list[str]:
+    if data_args.id2label_file:
+        mapping = json.loads(Path(data_args.id2label_file).read_text())
+        return [mapping[str(idx)] for idx in range(len(mapping))]
+    category = dataset["train"].features[data_args.objects_column_name]["category"]
+    feature = category.feature if isinstance(category, Sequence) else category[0] if isinstance(category, list) else None
+    if isinstance(feature, ClassLabel):
+        return feature.names
+    largest = max((max(objects["category"], default=-1) for objects in dataset["train"][data_args.objects_column_name]))
+    return [str(idx) for idx in range(largest + 1)]
+
+
+def check_boxes(dataset, data_args: DataTrainingArguments, num_classes: int) -> None:
+    """Every box inside its image and every category known, before any training step."""
+    for split in ("train", "validation"):
+        for index, example in enumerate(dataset[split]):
+            width, height = example[data_args.image_column_name].size
+            objects = example[data_args.objects_column_name]
+            for box, category in zip(objects["bbox"], objects["category"]):
+                x, y, w, h = box
+                if w <= 0 or h <= 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+                    raise ExampleError(f"{split} example {index}: box {list(box)} (x, y, w, h) lies outside its "
+                                       f"{width}x{height} image")  # fmt: skip
+                if not 0 <= category < num_classes:
+                    raise ExampleError(f"{split} example {index}: category {category} is not among the "
+                                       f"{num_classes} classes")  # fmt: skip
+
+
+def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, labels: list[str]):
+    id2label = dict(enumerate(labels))
+    label2id = {name: idx for idx, name in id2label.items()}
+    name = model_args.model_name_or_path
+    if not is_preset(name):
+        source_config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code,
+                                                   token=model_args.token, revision=model_args.model_revision)  # fmt: skip
+        if source_config.model_type != "internimage":
+            return AutoModelForObjectDetection.from_pretrained(
+                name, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                token=model_args.token,
+            )  # fmt: skip
+    backbone_config = load_config(model_args)
+    backbone_config = InternImageConfig.from_dict({**backbone_config.to_dict(), "out_features": BACKBONE_STAGES,
+                                                   "out_indices": None})  # fmt: skip
+    width = data_args.detector_width
+    config = RTDetrConfig(
+        backbone_config=backbone_config, encoder_in_channels=backbone_config.stage_channels[1:],
+        feat_strides=[8, 16, 32], encoder_hidden_dim=width, d_model=width, decoder_in_channels=[width] * 3,
+        encoder_ffn_dim=4 * width, decoder_ffn_dim=4 * width, encoder_attention_heads=max(width // 32, 1),
+        decoder_attention_heads=max(width // 32, 1), num_queries=data_args.num_queries,
+        decoder_layers=data_args.decoder_layers, num_denoising=min(100, 2 * data_args.num_queries),
+        num_labels=len(labels), id2label=id2label, label2id=label2id, anchor_image_size=None,
+    )  # fmt: skip
+    model = RTDetrForObjectDetection(config)
+    if not is_preset(name):  # start from the pretrained InternImage's weights
+        pretrained = InternImageBackbone.from_pretrained(name, out_features=BACKBONE_STAGES, token=model_args.token)
+        model.model.backbone.model.load_state_dict(pretrained.state_dict())
+    return model
+
+
+def make_transforms(data_args: DataTrainingArguments):
+    size = data_args.image_size
+    boxes = A.BboxParams(format="coco", label_fields=["category"], clip=True, min_area=4, min_visibility=0.3)
+    normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    train = A.Compose([A.Resize(size, size), A.Affine(scale=(0.8, 1.2), translate_percent=0.1, p=0.7),
+                       A.RandomBrightnessContrast(p=0.3), normalize], bbox_params=boxes)  # fmt: skip
+    evaluate = A.Compose([A.Resize(size, size), normalize], bbox_params=boxes)
+
+    def apply(batch, augment):
+        pixel_values, labels = [], []
+        for image, objects in zip(batch[data_args.image_column_name], batch[data_args.objects_column_name]):
+            out = augment(image=np.asarray(image.convert("RGB")), bboxes=objects["bbox"], category=objects["category"])
+            pixel_values.append(torch.from_numpy(out["image"]).permute(2, 0, 1))
+            xywh = torch.tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)) / size
+            centers = torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], dim=1)  # DETR targets: cx, cy, w, h
+            labels.append({"class_labels": torch.tensor(out["category"], dtype=torch.long), "boxes": centers})
+        return {"pixel_values": pixel_values, "labels": labels}
+
+    return (lambda batch: apply(batch, train)), (lambda batch: apply(batch, evaluate))
+
+
+def collate(examples) -> dict:
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "labels": [e["labels"] for e in examples]}
+
+
+def detections(logits: torch.Tensor, boxes: torch.Tensor, size: int, top_k: int = 100) -> list[dict]:
+    """RT-DETR's sigmoid scores, best (query, class) pairs first, boxes in pixels (x0, y0, x1, y1)."""
+    results = []
+    for image_logits, image_boxes in zip(logits, boxes):
+        scores = image_logits.sigmoid().flatten()
+        best = scores.topk(min(top_k, scores.numel()))
+        queries, classes = best.indices // image_logits.shape[-1], best.indices % image_logits.shape[-1]
+        corners = center_to_corners_format(image_boxes[queries]) * size
+        results.append({"scores": best.values, "labels": classes, "boxes": corners})
+    return results
+
+
+def coco_map(predictions: list[dict], targets: list[dict], num_classes: int) -> dict[str, float]:
+    """COCO box mAP with pycocotools (the reference implementation), from per-image predictions and targets with
+    boxes in pixels (x0, y0, x1, y1)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(box):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        return [x0, y0, x1 - x0, y1 - y0]
+
+    ground_truth = COCO()
+    annotations = []
+    for image_id, target in enumerate(targets):
+        for label, box in zip(target["labels"], target["boxes"]):
+            x, y, w, h = xywh(box)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+    ground_truth.dataset = {"images": [{"id": idx} for idx in range(len(targets))], "annotations": annotations,
+                            "categories": [{"id": idx} for idx in range(num_classes)]}  # fmt: skip
+    ground_truth.createIndex()
+    detected = [{"image_id": image_id, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
+                for image_id, found in enumerate(predictions)
+                for label, box, score in zip(found["labels"], found["boxes"], found["scores"])]  # fmt: skip
+    if not detected or not annotations:
+        return {"map": 0.0, "map_50": 0.0, "map_75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(detected), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return {"map": evaluation.stats[0], "map_50": evaluation.stats[1], "map_75": evaluation.stats[2]}
+
+
+def map_function(image_size: int, num_classes: int):
+    logger.info("mAP is computed by pycocotools (COCO protocol; evaluate has no maintained detection metric and "
+                "torchmetrics' needs torchvision)")  # fmt: skip
+
+    def compute_metrics(prediction):
+        predicted, expected = [], []
+        for batch_outputs, targets in zip(prediction.predictions, prediction.label_ids):
+            logits, boxes = batch_outputs
+            predicted += detections(torch.as_tensor(logits), torch.as_tensor(boxes), image_size)
+            expected += [{"labels": torch.as_tensor(t["class_labels"]),
+                          "boxes": center_to_corners_format(torch.as_tensor(t["boxes"])) * image_size}
+                         for t in targets]  # fmt: skip
+        return coco_map(predicted, expected, num_classes)
+
+    return compute_metrics
+
+
+def logits_and_boxes(outputs, labels):
+    """Keep what the metric needs. Trainer hands over the output tuple without the loss; with labels it still
+    starts with the loss dictionary, then logits and boxes."""
+    logits, boxes = [value for value in outputs if not isinstance(value, dict)][:2]
+    return logits, boxes
+
+
+def save_predictions(model, dataset, size: int, names: list[str], path: Path, count: int = 6) -> None:
+    """Validation images with their boxes above 0.5 confidence and class names."""
+    tiles = []
+    model.eval()
+    for idx in range(min(count, len(dataset))):
+        example = dataset[idx]
+        with torch.no_grad():
+            outputs = model(example["pixel_values"][None].to(model.device))
+        (found,) = detections(outputs.logits.cpu(), outputs.pred_boxes.cpu(), size, top_k=10)
+        pixels = example["pixel_values"].permute(1, 2, 0).numpy() * np.array(IMAGENET_DEFAULT_STD)
+        tile = Image.fromarray(((pixels + np.array(IMAGENET_DEFAULT_MEAN)) * 255).clip(0, 255).astype(np.uint8))
+        tile = tile.resize((size * 2, size * 2))
+        draw = ImageDraw.Draw(tile)
+        for score, label, box in zip(found["scores"], found["labels"], found["boxes"]):
+            if score < 0.5:
+                continue
+            draw.rectangle([float(v) * 2 for v in box], outline=(255, 60, 60), width=2)
+            draw.text((float(box[0]) * 2 + 2, float(box[1]) * 2 + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0))
+        tiles.append(np.asarray(tile))
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    hf_logging.set_verbosity_warning()
+    if data_args.image_size % 32:
+        raise ExampleError(f"--image_size {data_args.image_size} must be a multiple of 32 (the backbone's stride)")
+    prepare_output_dir(training_args, output_args, "object-detection")
+    log_run_setup(training_args)
+    training_args.eval_do_concat_batches = False  # targets differ in length between images
+    started = time.time()
+
+    dataset, labels = load_data(data_args, training_args.seed)
+    check_boxes(dataset, data_args, len(labels))
+    model = build_model(model_args, data_args, labels)
+    enable_hub_kernels(model, model_args)
+    train_transform, eval_transform = make_transforms(data_args)
+    dataset["train"].set_transform(train_transform)
+    dataset["validation"].set_transform(eval_transform)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"] if training_args.do_train else None,
+        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        data_collator=collate,
+        compute_metrics=map_function(data_args.image_size, len(labels)),
+        preprocess_logits_for_metrics=logits_and_boxes,
+    )
+    results = {}
+    if training_args.do_eval and training_args.do_train:
+        before = trainer.evaluate(metric_key_prefix="untrained")
+        logger.info("before training: mAP %.4f", before["untrained_map"])
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        results = trainer.evaluate()
+        trainer.log_metrics("eval", results)
+        trainer.save_metrics("eval", results)
+        if trainer.is_world_process_zero():
+            save_predictions(trainer.model, dataset["validation"], data_args.image_size, labels,
+                             Path(training_args.output_dir) / "predictions.png")  # fmt: skip
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "object-detection",
+            "dataset": data_args.dataset_name or "scikit-learn digits scenes", "tags": ["rt-detr", "internimage"]}  # fmt: skip
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(**card)
+
+    if training_args.do_train and is_main_process():
+        pixel_values = collate([dataset["validation"][0]])["pixel_values"].to(trainer.model.device)
+        reloaded = AutoModelForObjectDetection.from_pretrained(training_args.output_dir).to(trainer.model.device).eval()
+        trainer.model.eval()
+        with torch.no_grad():
+            difference = (reloaded(pixel_values).pred_boxes - trainer.model(pixel_values).pred_boxes).abs().max().item()
+        results["reload_max_difference"] = difference
+        print(f"\nsummary: validation mAP {results.get('eval_map', float('nan')):.4f}, {time.time() - started:.0f} s, "
+              f"model in {training_args.output_dir} (reloaded with AutoModelForObjectDetection, max box "
+              f"difference {difference:.1e})")  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()

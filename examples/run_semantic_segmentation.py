@@ -1,0 +1,308 @@
+"""Semantic segmentation with transformers' UperNet on an InternImage backbone (the paper's ADE20K setup),
+trained with Trainer.
+
+    python examples/run_semantic_segmentation.py                        # offline demo: digits pasted on canvases
+    python examples/run_semantic_segmentation.py --dataset_name scene_parse_150 --model_name_or_path \\
+        converted/internimage-t-1k-224 --id2label_file ade20k-id2label.json --reduce_labels --output_dir out ...
+    python examples/run_semantic_segmentation.py --train_dir data/train --validation_dir data/val ...
+
+Local folders hold `images/` and `masks/` (PNG class-index maps with the same file stems). --model_name_or_path
+is an InternImage directory or Hub id (its backbone weights are used), a saved UperNet+InternImage directory, or
+a preset to train from scratch. Metrics land in <output_dir>/eval_results.json (`eval_mean_iou`), predictions
+overlaid on validation images in <output_dir>/predictions.png.
+"""
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, load_dataset
+from example_utils import (
+    ExampleError,
+    ModelArguments,
+    OutputArguments,
+    check_reload,
+    enable_hub_kernels,
+    is_main_process,
+    is_preset,
+    load_config,
+    load_metric,
+    log_run_setup,
+    prepare_output_dir,
+    require_columns,
+)
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoModelForSemanticSegmentation,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.utils import logging as hf_logging
+
+import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
+from modeling_internimage import InternImageBackbone, InternImageConfig
+
+
+logger = logging.getLogger(__name__)
+BACKBONE_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "30", "--learning_rate", "2e-3",
+                 "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                 "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay", "0.01",
+                 "--warmup_steps", "30", "--lr_scheduler_type", "cosine", "--remove_unused_columns", "false",
+                 "--use_cpu", "--report_to", "none", "--seed", "0"]  # fmt: skip
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (default: embedded digits)"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name"})
+    train_dir: str | None = field(default=None, metadata={"help": "Folder with images/ and masks/ subfolders"})
+    validation_dir: str | None = field(default=None, metadata={"help": "Folder with images/ and masks/"})
+    train_val_split: float = field(default=0.15, metadata={"help": "Validation fraction when there is none"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set"})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images"})
+    label_column_name: str = field(default="mask", metadata={"help": "Column holding the class-index masks"})
+    id2label_file: str | None = field(default=None, metadata={"help": "JSON {id: name} of the classes"})
+    reduce_labels: bool = field(default=False, metadata={"help": "Map 0 to 255 (ignored) and shift labels down"})
+    image_size: int = field(default=512, metadata={"help": "Training crop size (multiple of 32)"})
+    decode_hidden_size: int = field(default=512, metadata={"help": "UperNet width when training the head new"})
+
+
+def uses_embedded_data(argv: list[str]) -> bool:
+    return not any(flag in argv for flag in ("--dataset_name", "--train_dir"))
+
+
+def parse_arguments(argv: list[str]):
+    if uses_embedded_data(argv):
+        argv = DEMO_DEFAULTS + ["--image_size", "96", "--decode_hidden_size", "64"] + argv
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OutputArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def folder_dataset(directory: str, role: str) -> Dataset:
+    images_dir, masks_dir = Path(directory) / "images", Path(directory) / "masks"
+    if not images_dir.is_dir() or not masks_dir.is_dir():
+        raise ExampleError(f"--{role} {directory} needs images/ and masks/ subfolders")
+    images = sorted(path for path in images_dir.iterdir() if path.is_file())
+    if not images:
+        raise ExampleError(f"--{role} {directory}/images holds no images")
+    masks = {path.stem: path for path in masks_dir.iterdir() if path.is_file()}
+    missing = [path.name for path in images if path.stem not in masks]
+    if missing:
+        raise ExampleError(f"--{role}: no mask in {masks_dir} for {', '.join(missing[:5])}")
+    features = Features({"image": ImageFeature(), "mask": ImageFeature()})
+    return Dataset.from_dict({"image": [str(p) for p in images], "mask": [str(masks[p.stem]) for p in images]},
+                             features=features)  # fmt: skip
+
+
+def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[DatasetDict, dict[int, str]]:
+    id2label = None
+    if data_args.dataset_name:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    elif data_args.train_dir:
+        dataset = DatasetDict(train=folder_dataset(data_args.train_dir, "train_dir"))
+        if data_args.validation_dir:
+            dataset["validation"] = folder_dataset(data_args.validation_dir, "validation_dir")
+    else:
+        from digits_data import DIGIT_NAMES, digits_scenes
+
+        dataset = digits_scenes()
+        id2label = {0: "background", **{idx + 1: name for idx, name in enumerate(DIGIT_NAMES)}}
+    if "validation" not in dataset:
+        split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None:
+            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
+    require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
+                                       "label_column_name": data_args.label_column_name})  # fmt: skip
+    if data_args.id2label_file:
+        id2label = {int(k): v for k, v in json.loads(Path(data_args.id2label_file).read_text()).items()}
+    if id2label is None:  # count the classes present in (a sample of) the training masks
+        sample = dataset["train"].select(range(min(200, len(dataset["train"]))))
+        largest = max(int(np.asarray(mask).max()) for mask in sample[data_args.label_column_name])
+        id2label = {idx: str(idx) for idx in range(largest + 1)}
+    if data_args.reduce_labels:
+        id2label = {idx - 1: name for idx, name in id2label.items() if idx > 0}
+    if len(id2label) < 2:
+        raise ExampleError("the masks hold fewer than two classes; segmentation needs at least two")
+    return dataset, id2label
+
+
+def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, id2label: dict[int, str]):
+    label2id = {name: idx for idx, name in id2label.items()}
+    name = model_args.model_name_or_path
+    if not is_preset(name):
+        source_config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code,
+                                                   token=model_args.token, revision=model_args.model_revision)  # fmt: skip
+        if source_config.model_type == "upernet":
+            return AutoModelForSemanticSegmentation.from_pretrained(
+                name, num_labels=len(id2label), id2label=id2label, label2id=label2id,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, token=model_args.token,
+            )  # fmt: skip
+    backbone_config = load_config(model_args, out_features=BACKBONE_STAGES)
+    if not isinstance(backbone_config, InternImageConfig):
+        raise ExampleError(f"{name} is a {backbone_config.model_type} model, not InternImage or UperNet+InternImage")
+    backbone_config = InternImageConfig.from_dict({**backbone_config.to_dict(), "out_features": BACKBONE_STAGES,
+                                                   "out_indices": None})  # fmt: skip
+    config = UperNetConfig(
+        backbone_config=backbone_config, num_labels=len(id2label), id2label=id2label, label2id=label2id,
+        hidden_size=data_args.decode_hidden_size, auxiliary_in_channels=None,
+        auxiliary_channels=max(data_args.decode_hidden_size // 2, 16), use_auxiliary_head=True,
+    )  # fmt: skip
+    model = UperNetForSemanticSegmentation(config)
+    if not is_preset(name):  # start from the pretrained InternImage's weights
+        pretrained = InternImageBackbone.from_pretrained(name, out_features=BACKBONE_STAGES, token=model_args.token)
+        model.backbone.load_state_dict(pretrained.state_dict())
+    return model
+
+
+def make_transforms(data_args: DataTrainingArguments, num_labels: int):
+    size = data_args.image_size
+    normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    train = A.Compose([A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0)), A.HorizontalFlip(p=0.5), normalize])
+    evaluate = A.Compose([A.Resize(size, size), normalize])
+
+    def apply(batch, augment):
+        pixel_values, labels = [], []
+        for image, mask in zip(batch[data_args.image_column_name], batch[data_args.label_column_name]):
+            mask = np.asarray(mask.convert("L") if mask.mode not in ("L", "I", "P") else mask, dtype=np.int64)
+            if data_args.reduce_labels:
+                mask = np.where(mask == 0, 255, mask - 1)
+            out = augment(image=np.asarray(image.convert("RGB")), mask=mask)
+            pixel_values.append(torch.from_numpy(out["image"]).permute(2, 0, 1))
+            labels.append(torch.from_numpy(np.asarray(out["mask"], dtype=np.int64)))
+        return {"pixel_values": pixel_values, "labels": labels}
+
+    return (lambda batch: apply(batch, train)), (lambda batch: apply(batch, evaluate))
+
+
+def collate(examples) -> dict:
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.stack([example["labels"] for example in examples]),
+    }
+
+
+def mean_iou_function(num_labels: int):
+    from torchmetrics.segmentation import MeanIoU
+
+    metric, library = load_metric("mean_iou", lambda: MeanIoU(num_classes=num_labels, input_format="index",
+                                                            per_class=False))  # fmt: skip
+    logger.info("mean IoU is computed by %s", library)
+
+    def compute_metrics(prediction):
+        predicted, labels = prediction.predictions, prediction.label_ids
+        if library == "evaluate":
+            scores = metric.compute(predictions=list(predicted), references=list(labels), num_labels=num_labels,
+                                    ignore_index=255, reduce_labels=False)  # fmt: skip
+            return {"mean_iou": float(scores["mean_iou"]), "overall_accuracy": float(scores["overall_accuracy"])}
+        valid = labels != 255
+        metric.reset()
+        metric.update(torch.from_numpy(np.where(valid, predicted, 0)), torch.from_numpy(np.where(valid, labels, 0)))
+        return {"mean_iou": metric.compute().item(), "overall_accuracy": float((predicted == labels)[valid].mean())}
+
+    return compute_metrics
+
+
+def predicted_classes(logits, labels):
+    """Upsample the logits to the label size and keep the class index (the metric needs nothing else)."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False).argmax(dim=1)
+
+
+def save_overlays(model, dataset, path: Path, count: int = 6) -> None:
+    """Validation images with the predicted classes overlaid in colour, side by side."""
+    palette = np.random.default_rng(0).integers(40, 255, size=(256, 3)).astype(np.uint8)
+    palette[0] = 0
+    tiles = []
+    model.eval()
+    for idx in range(min(count, len(dataset))):
+        example = dataset[idx]
+        with torch.no_grad():
+            logits = model(example["pixel_values"][None].to(model.device)).logits
+        predicted = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        pixels = example["pixel_values"].permute(1, 2, 0).numpy() * np.array(IMAGENET_DEFAULT_STD)
+        pixels = ((pixels + np.array(IMAGENET_DEFAULT_MEAN)) * 255).clip(0, 255).astype(np.uint8)
+        colours = palette[predicted]
+        blend = np.where(predicted[..., None] > 0, (0.45 * pixels + 0.55 * colours), pixels).astype(np.uint8)
+        tiles.append(np.concatenate([pixels, blend], axis=0))
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    hf_logging.set_verbosity_warning()
+    if data_args.image_size % 32:
+        raise ExampleError(f"--image_size {data_args.image_size} must be a multiple of 32 (the backbone's stride)")
+    prepare_output_dir(training_args, output_args, "semantic-segmentation")
+    log_run_setup(training_args)
+    started = time.time()
+
+    dataset, id2label = load_data(data_args, training_args.seed)
+    model = build_model(model_args, data_args, id2label)
+    enable_hub_kernels(model, model_args)
+    train_transform, eval_transform = make_transforms(data_args, len(id2label))
+    dataset["train"].set_transform(train_transform)
+    dataset["validation"].set_transform(eval_transform)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"] if training_args.do_train else None,
+        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        data_collator=collate,
+        compute_metrics=mean_iou_function(len(id2label)),
+        preprocess_logits_for_metrics=predicted_classes,
+    )
+    results = {}
+    if training_args.do_eval and training_args.do_train:
+        before = trainer.evaluate(metric_key_prefix="untrained")
+        logger.info("before training: mean IoU %.4f", before["untrained_mean_iou"])
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        results = trainer.evaluate()
+        trainer.log_metrics("eval", results)
+        trainer.save_metrics("eval", results)
+        if trainer.is_world_process_zero():
+            save_overlays(trainer.model, dataset["validation"], Path(training_args.output_dir) / "predictions.png")
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-segmentation",
+            "dataset": data_args.dataset_name or "scikit-learn digits scenes", "tags": ["upernet", "internimage"]}  # fmt: skip
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(**card)
+
+    if training_args.do_train and is_main_process():
+        batch = collate([dataset["validation"][idx] for idx in range(min(2, len(dataset["validation"])))])
+        inputs = {"pixel_values": batch["pixel_values"].to(trainer.model.device)}
+        difference = check_reload(trainer.model, AutoModelForSemanticSegmentation, training_args.output_dir, inputs)
+        results["reload_max_difference"] = difference
+        print(f"\nsummary: validation mean IoU {results.get('eval_mean_iou', float('nan')):.4f}, "
+              f"{time.time() - started:.0f} s, model in {training_args.output_dir} "
+              f"(reloaded with AutoModelForSemanticSegmentation, max logit difference {difference:.1e})")  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()
