@@ -298,7 +298,8 @@ def convert_batch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.set_verbosity_error()
+    verbosity, progress_bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()  # transformers' load reports would bury the conversion's own report
     logging.disable_progress_bar()
     try:
         if args.batch_dir:
@@ -308,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        logging.set_verbosity(verbosity)
+        if progress_bars:
+            logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -188,7 +188,9 @@ def test_state_dict_of_another_variant_is_rejected():
     model = InternImageForImageClassification(tiny_config(num_labels=10))
     with pytest.raises(ValueError, match="another variant") as error:
         model.load_original_state_dict(state_dict)
-    assert "levels.0.blocks.0.res_post_norm1.0.weight" in str(error.value)
+    message = str(error.value)
+    assert "checkpoint keys match no weight" in message and "model weights are not in the checkpoint" in message
+    assert "levels.0.downsample.conv.weight: checkpoint (64, 32, 3, 3) vs model (16, 8, 3, 3)" in message
 
 
 def test_missing_and_unexpected_keys_are_listed():
