@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, TrainingArguments
+from transformers import AutoConfig, HfArgumentParser, TrainingArguments
+from transformers.utils import logging as hf_logging
 
 from modeling_internimage import INTERNIMAGE_VARIANTS, InternImageConfig
 
@@ -45,8 +46,73 @@ class ModelArguments:
 
 
 @dataclass
+class DataArguments:
+    """Data flags every script takes; each script's own dataclass adds its task's."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (default: embedded digits)"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name"})
+    train_dir: str | None = field(default=None, metadata={"help": "Local training data (layout: see the script)"})
+    validation_dir: str | None = field(default=None, metadata={"help": "Local validation data"})
+    train_val_split: float = field(default=0.15, metadata={"help": "Validation fraction when there is none"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set"})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images"})
+
+
+@dataclass
 class OutputArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output directory"})
+
+
+def parse_example_arguments(data_class, argv: list[str], demo_defaults: list[str]):
+    """(model, data, output, training) arguments. Without a dataset the embedded demo runs, with `demo_defaults`
+    in front so that any flag given still wins."""
+    if not any(flag in argv for flag in ("--dataset_name", "--train_dir")):
+        argv = demo_defaults + argv
+    parser = HfArgumentParser((ModelArguments, data_class, OutputArguments, TrainingArguments))
+    arguments = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    hf_logging.set_verbosity_warning()
+    return arguments
+
+
+def finish_splits(dataset, data_args: DataArguments, seed: int):
+    """Carve a validation split out of train when there is none, and apply the sample limits."""
+    if "validation" not in dataset:
+        split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None:
+            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
+    return dataset
+
+
+def train_and_evaluate(trainer, training_args: TrainingArguments) -> dict:
+    """Train (resuming if asked), save the model, metrics and state; evaluate before and after training. Returns
+    the final evaluation metrics (also in <output_dir>/eval_results.json)."""
+    results = {}
+    if training_args.do_train and training_args.do_eval:
+        before = trainer.evaluate(metric_key_prefix="untrained")
+        logger.info("before training: %s", {k: round(v, 4) for k, v in before.items() if isinstance(v, float)})
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        results = trainer.evaluate()
+        trainer.log_metrics("eval", results)
+        trainer.save_metrics("eval", results)
+    return results
+
+
+def publish(trainer, training_args: TrainingArguments, **card) -> None:
+    """Push to the Hub with a model card (--push_to_hub), or write the card locally."""
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(**card)
 
 
 def is_preset(name: str) -> bool:

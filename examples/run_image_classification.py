@@ -21,28 +21,29 @@ import numpy as np
 import torch
 from datasets import ClassLabel, load_dataset
 from example_utils import (
+    DataArguments,
     ExampleError,
     ModelArguments,
-    OutputArguments,
     check_reload,
     enable_hub_kernels,
+    finish_splits,
     is_main_process,
     is_preset,
     load_config,
     load_metric,
     log_run_setup,
+    parse_example_arguments,
     prepare_output_dir,
+    publish,
     require_columns,
+    train_and_evaluate,
 )
 from PIL import Image, ImageDraw
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     Trainer,
-    TrainingArguments,
 )
-from transformers.utils import logging as hf_logging
 
 import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
 from modeling_internimage import InternImageForImageClassification, build_image_processor
@@ -59,31 +60,17 @@ DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "15", "--learn
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (default: embedded digits)"})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name"})
-    train_dir: str | None = field(default=None, metadata={"help": "imagefolder of training images"})
-    validation_dir: str | None = field(default=None, metadata={"help": "imagefolder of validation images"})
-    train_val_split: float = field(default=0.15, metadata={"help": "Validation fraction when there is none"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set"})
-    image_column_name: str = field(default="image", metadata={"help": "Column holding the images"})
+class DataTrainingArguments(DataArguments):
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels"})
     image_size: int | None = field(default=None, metadata={"help": "Training resolution (default: processor's)"})
     random_crop_scale: float = field(default=0.7, metadata={"help": "Smallest area fraction of random crops"})
     horizontal_flip_probability: float = field(default=0.5, metadata={"help": "Random horizontal flips"})
 
 
-def uses_embedded_data(argv: list[str]) -> bool:
-    return not any(flag in argv for flag in ("--dataset_name", "--train_dir"))
-
-
 def parse_arguments(argv: list[str]):
-    if uses_embedded_data(argv):
-        # Digits must not be mirrored, and they are small: train at 64x64.
-        argv = DEMO_DEFAULTS + ["--horizontal_flip_probability", "0", "--image_size", "64"] + argv
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OutputArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    # Digits must not be mirrored, and they are small: train at 64x64.
+    demo = DEMO_DEFAULTS + ["--horizontal_flip_probability", "0", "--image_size", "64"]
+    return parse_example_arguments(DataTrainingArguments, argv, demo)
 
 
 def check_image_folder(directory: str, role: str) -> None:
@@ -111,12 +98,7 @@ def load_data(data_args: DataTrainingArguments, seed: int):
         from digits_data import digits_classification
 
         dataset = digits_classification()
-    if "validation" not in dataset:
-        split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
-        dataset["train"], dataset["validation"] = split["train"], split["test"]
-    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None:
-            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
+    dataset = finish_splits(dataset, data_args, seed)
     require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
                                        "label_column_name": data_args.label_column_name})  # fmt: skip
     label_feature = dataset["train"].features[data_args.label_column_name]
@@ -225,8 +207,6 @@ def save_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, names: li
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    hf_logging.set_verbosity_warning()
     prepare_output_dir(training_args, output_args, "image-classification")
     log_run_setup(training_args)
     started = time.time()
@@ -247,27 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=lambda examples: collate(examples, data_args.label_column_name),
         compute_metrics=accuracy_function(len(labels)),
     )
-    results = {}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        prediction = trainer.predict(dataset["validation"], metric_key_prefix="eval")
-        trainer.log_metrics("eval", prediction.metrics)
-        trainer.save_metrics("eval", prediction.metrics)
-        results = prediction.metrics
-        if trainer.is_world_process_zero():
-            save_confusion_matrix(prediction.predictions, prediction.label_ids, labels,
-                                  Path(training_args.output_dir) / "confusion_matrix.png")  # fmt: skip
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-classification",
-            "dataset": data_args.dataset_name or "scikit-learn digits", "tags": ["image-classification", "internimage"]}  # fmt: skip
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
+    results = train_and_evaluate(trainer, training_args)
+    if training_args.do_eval and trainer.is_world_process_zero():
+        prediction = trainer.predict(dataset["validation"], metric_key_prefix="confusion")
+        save_confusion_matrix(prediction.predictions, prediction.label_ids, labels,
+                              Path(training_args.output_dir) / "confusion_matrix.png")  # fmt: skip
+    publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="image-classification",
+            dataset=data_args.dataset_name or "scikit-learn digits", tags=["image-classification", "internimage"])  # fmt: skip
 
     if training_args.do_train and is_main_process():
         batch = collate([dataset["validation"][idx] for idx in range(min(4, len(dataset["validation"])))],

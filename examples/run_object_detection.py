@@ -28,30 +28,31 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Sequence, load_dataset
 from example_utils import (
+    DataArguments,
     ExampleError,
     ModelArguments,
-    OutputArguments,
     enable_hub_kernels,
+    finish_splits,
     is_main_process,
     is_preset,
     load_config,
     log_run_setup,
+    parse_example_arguments,
     prepare_output_dir,
+    publish,
     require_columns,
+    train_and_evaluate,
 )
 from PIL import Image, ImageDraw
 from transformers import (
     AutoConfig,
     AutoModelForObjectDetection,
-    HfArgumentParser,
     RTDetrConfig,
     RTDetrForObjectDetection,
     Trainer,
-    TrainingArguments,
 )
 from transformers.image_transforms import center_to_corners_format
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from transformers.utils import logging as hf_logging
 
 import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
 from modeling_internimage import InternImageBackbone, InternImageConfig
@@ -59,7 +60,7 @@ from modeling_internimage import InternImageBackbone, InternImageConfig
 
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage2", "stage3", "stage4"]
-DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "40", "--learning_rate", "1e-3",
+DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "100", "--learning_rate", "1e-3",
                  "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
                  "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay", "1e-4",
                  "--warmup_steps", "50", "--lr_scheduler_type", "cosine", "--max_grad_norm", "0.1",
@@ -67,15 +68,7 @@ DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "40", "--learn
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (default: embedded digits)"})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name"})
-    train_dir: str | None = field(default=None, metadata={"help": "imagefolder with metadata.jsonl"})
-    validation_dir: str | None = field(default=None, metadata={"help": "imagefolder with metadata.jsonl"})
-    train_val_split: float = field(default=0.15, metadata={"help": "Validation fraction when there is none"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set"})
-    image_column_name: str = field(default="image", metadata={"help": "Column holding the images"})
+class DataTrainingArguments(DataArguments):
     objects_column_name: str = field(default="objects", metadata={"help": "Column with bbox and category"})
     id2label_file: str | None = field(default=None, metadata={"help": "JSON {id: name} of the classes"})
     image_size: int = field(default=640, metadata={"help": "Square training size (multiple of 32)"})
@@ -84,16 +77,9 @@ class DataTrainingArguments:
     decoder_layers: int = field(default=6, metadata={"help": "Decoder layers when the head is new"})
 
 
-def uses_embedded_data(argv: list[str]) -> bool:
-    return not any(flag in argv for flag in ("--dataset_name", "--train_dir"))
-
-
 def parse_arguments(argv: list[str]):
-    if uses_embedded_data(argv):
-        argv = DEMO_DEFAULTS + ["--image_size", "96", "--detector_width", "64", "--num_queries", "30",
-                                "--decoder_layers", "3"] + argv  # fmt: skip
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OutputArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    demo = DEMO_DEFAULTS + ["--image_size", "96", "--detector_width", "64", "--num_queries", "30", "--decoder_layers", "3"]
+    return parse_example_arguments(DataTrainingArguments, argv, demo)
 
 
 def load_data(data_args: DataTrainingArguments, seed: int):
@@ -111,12 +97,7 @@ def load_data(data_args: DataTrainingArguments, seed: int):
         from digits_data import digits_scenes
 
         dataset = digits_scenes()
-    if "validation" not in dataset:
-        split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
-        dataset["train"], dataset["validation"] = split["train"], split["test"]
-    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None:
-            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
+    dataset = finish_splits(dataset, data_args, seed)
     require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
                                        "objects_column_name": data_args.objects_column_name})  # fmt: skip
     return dataset, class_names(dataset, data_args)
@@ -279,7 +260,7 @@ def logits_and_boxes(outputs, labels):
 
 
 def save_predictions(model, dataset, size: int, names: list[str], path: Path, count: int = 6) -> None:
-    """Validation images with their boxes above 0.5 confidence and class names."""
+    """Validation images with their boxes above 0.35 confidence and class names."""
     tiles = []
     model.eval()
     for idx in range(min(count, len(dataset))):
@@ -292,7 +273,7 @@ def save_predictions(model, dataset, size: int, names: list[str], path: Path, co
         tile = tile.resize((size * 2, size * 2))
         draw = ImageDraw.Draw(tile)
         for score, label, box in zip(found["scores"], found["labels"], found["boxes"]):
-            if score < 0.5:
+            if score < 0.35:
                 continue
             draw.rectangle([float(v) * 2 for v in box], outline=(255, 60, 60), width=2)
             draw.text((float(box[0]) * 2 + 2, float(box[1]) * 2 + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0))
@@ -302,8 +283,6 @@ def save_predictions(model, dataset, size: int, names: list[str], path: Path, co
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    hf_logging.set_verbosity_warning()
     if data_args.image_size % 32:
         raise ExampleError(f"--image_size {data_args.image_size} must be a multiple of 32 (the backbone's stride)")
     prepare_output_dir(training_args, output_args, "object-detection")
@@ -328,29 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=map_function(data_args.image_size, len(labels)),
         preprocess_logits_for_metrics=logits_and_boxes,
     )
-    results = {}
-    if training_args.do_eval and training_args.do_train:
-        before = trainer.evaluate(metric_key_prefix="untrained")
-        logger.info("before training: mAP %.4f", before["untrained_map"])
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        results = trainer.evaluate()
-        trainer.log_metrics("eval", results)
-        trainer.save_metrics("eval", results)
-        if trainer.is_world_process_zero():
-            save_predictions(trainer.model, dataset["validation"], data_args.image_size, labels,
-                             Path(training_args.output_dir) / "predictions.png")  # fmt: skip
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "object-detection",
-            "dataset": data_args.dataset_name or "scikit-learn digits scenes", "tags": ["rt-detr", "internimage"]}  # fmt: skip
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
+    results = train_and_evaluate(trainer, training_args)
+    if training_args.do_eval and trainer.is_world_process_zero():
+        save_predictions(trainer.model, dataset["validation"], data_args.image_size, labels,
+                         Path(training_args.output_dir) / "predictions.png")  # fmt: skip
+    publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="object-detection",
+            dataset=data_args.dataset_name or "scikit-learn digits scenes", tags=["rt-detr", "internimage"])  # fmt: skip
 
     if training_args.do_train and is_main_process():
         pixel_values = collate([dataset["validation"][0]])["pixel_values"].to(trainer.model.device)

@@ -25,31 +25,32 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, load_dataset
 from example_utils import (
+    DataArguments,
     ExampleError,
     ModelArguments,
-    OutputArguments,
     check_reload,
     enable_hub_kernels,
+    finish_splits,
     is_main_process,
     is_preset,
     load_config,
     load_metric,
     log_run_setup,
+    parse_example_arguments,
     prepare_output_dir,
+    publish,
     require_columns,
+    train_and_evaluate,
 )
 from PIL import Image
 from transformers import (
     AutoConfig,
     AutoModelForSemanticSegmentation,
-    HfArgumentParser,
     Trainer,
-    TrainingArguments,
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from transformers.utils import logging as hf_logging
 
 import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
 from modeling_internimage import InternImageBackbone, InternImageConfig
@@ -57,7 +58,7 @@ from modeling_internimage import InternImageBackbone, InternImageConfig
 
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage1", "stage2", "stage3", "stage4"]
-DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "30", "--learning_rate", "2e-3",
+DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "100", "--learning_rate", "2e-3",
                  "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
                  "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay", "0.01",
                  "--warmup_steps", "30", "--lr_scheduler_type", "cosine", "--remove_unused_columns", "false",
@@ -65,15 +66,7 @@ DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "30", "--learn
 
 
 @dataclass
-class DataTrainingArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (default: embedded digits)"})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name"})
-    train_dir: str | None = field(default=None, metadata={"help": "Folder with images/ and masks/ subfolders"})
-    validation_dir: str | None = field(default=None, metadata={"help": "Folder with images/ and masks/"})
-    train_val_split: float = field(default=0.15, metadata={"help": "Validation fraction when there is none"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set"})
-    image_column_name: str = field(default="image", metadata={"help": "Column holding the images"})
+class DataTrainingArguments(DataArguments):
     label_column_name: str = field(default="mask", metadata={"help": "Column holding the class-index masks"})
     id2label_file: str | None = field(default=None, metadata={"help": "JSON {id: name} of the classes"})
     reduce_labels: bool = field(default=False, metadata={"help": "Map 0 to 255 (ignored) and shift labels down"})
@@ -81,15 +74,9 @@ class DataTrainingArguments:
     decode_hidden_size: int = field(default=512, metadata={"help": "UperNet width when training the head new"})
 
 
-def uses_embedded_data(argv: list[str]) -> bool:
-    return not any(flag in argv for flag in ("--dataset_name", "--train_dir"))
-
-
 def parse_arguments(argv: list[str]):
-    if uses_embedded_data(argv):
-        argv = DEMO_DEFAULTS + ["--image_size", "96", "--decode_hidden_size", "64"] + argv
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OutputArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    demo = DEMO_DEFAULTS + ["--image_size", "96", "--decode_hidden_size", "64"]
+    return parse_example_arguments(DataTrainingArguments, argv, demo)
 
 
 def folder_dataset(directory: str, role: str) -> Dataset:
@@ -121,12 +108,7 @@ def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[DatasetDict,
 
         dataset = digits_scenes()
         id2label = {0: "background", **{idx + 1: name for idx, name in enumerate(DIGIT_NAMES)}}
-    if "validation" not in dataset:
-        split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
-        dataset["train"], dataset["validation"] = split["train"], split["test"]
-    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None:
-            dataset[name] = dataset[name].select(range(min(limit, len(dataset[name]))))
+    dataset = finish_splits(dataset, data_args, seed)
     require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
                                        "label_column_name": data_args.label_column_name})  # fmt: skip
     if data_args.id2label_file:
@@ -246,8 +228,6 @@ def save_overlays(model, dataset, path: Path, count: int = 6) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    hf_logging.set_verbosity_warning()
     if data_args.image_size % 32:
         raise ExampleError(f"--image_size {data_args.image_size} must be a multiple of 32 (the backbone's stride)")
     prepare_output_dir(training_args, output_args, "semantic-segmentation")
@@ -270,28 +250,11 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=mean_iou_function(len(id2label)),
         preprocess_logits_for_metrics=predicted_classes,
     )
-    results = {}
-    if training_args.do_eval and training_args.do_train:
-        before = trainer.evaluate(metric_key_prefix="untrained")
-        logger.info("before training: mean IoU %.4f", before["untrained_mean_iou"])
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        results = trainer.evaluate()
-        trainer.log_metrics("eval", results)
-        trainer.save_metrics("eval", results)
-        if trainer.is_world_process_zero():
-            save_overlays(trainer.model, dataset["validation"], Path(training_args.output_dir) / "predictions.png")
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-segmentation",
-            "dataset": data_args.dataset_name or "scikit-learn digits scenes", "tags": ["upernet", "internimage"]}  # fmt: skip
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
+    results = train_and_evaluate(trainer, training_args)
+    if training_args.do_eval and trainer.is_world_process_zero():
+        save_overlays(trainer.model, dataset["validation"], Path(training_args.output_dir) / "predictions.png")
+    publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="image-segmentation",
+            dataset=data_args.dataset_name or "scikit-learn digits scenes", tags=["upernet", "internimage"])  # fmt: skip
 
     if training_args.do_train and is_main_process():
         batch = collate([dataset["validation"][idx] for idx in range(min(2, len(dataset["validation"])))])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROJECT_ROOT, load_fixture_case
-from kernels import LocalLayerRepository, Mode, get_local_kernel, kernelize, use_kernel_mapping
+from kernels import LocalLayerRepository, Mode, get_local_kernel, use_kernel_mapping
 from safetensors import safe_open
 from test_reference_fixtures import OP_PARAMS, relative_error
 

@@ -42,30 +42,23 @@ struct ChannelBuffer<acc_t, 0> {
   static int64_t size(int64_t depth) { return depth; }
 };
 
-// Pointers to the four corners of a footprint and their weights; corners outside the map get weight 0 and point
-// at a clamped pixel, so the loop over corners needs no branch.
+// Pointers to the four corners of a footprint and their weights.
 template <typename scalar_t, typename acc_t>
 struct Corners {
   const scalar_t* pointer[4];
   acc_t weight[4];
 };
 
+// Corners of a sample near the border: those outside the map have weight 0 and point at a clamped pixel, so the
+// loop over corners needs no branch.
 template <typename scalar_t, typename acc_t>
 inline Corners<scalar_t, acc_t> corners_of(const dcnv3::Footprint<acc_t>& fp, const scalar_t* image, const Geometry& geo,
                                            int64_t channels) {
   Corners<scalar_t, acc_t> result;
-  const bool interior = fp.x0 >= 0 && fp.y0 >= 0 && fp.x0 + 1 < geo.width_in && fp.y0 + 1 < geo.height_in;
-  if (interior) {  // the common case: four neighbours at fixed strides
-    const scalar_t* top_left = image + (fp.y0 * geo.width_in + fp.x0) * channels;
-    const int64_t row = geo.width_in * channels;
-    result.pointer[0] = top_left;
-    result.pointer[1] = top_left + channels;
-    result.pointer[2] = top_left + row;
-    result.pointer[3] = top_left + row + channels;
-  } else {
-    for (int k = 0; k < 4; ++k) result.pointer[k] = image + dcnv3::corner_row(geo, 0, fp.y0, fp.x0, k) * channels;
+  for (int k = 0; k < 4; ++k) {
+    result.pointer[k] = image + dcnv3::corner_row(geo, 0, fp.y0, fp.x0, k) * channels;
+    result.weight[k] = fp.weight[k];
   }
-  for (int k = 0; k < 4; ++k) result.weight[k] = fp.weight[k];
   return result;
 }
 
@@ -77,6 +70,31 @@ struct PointTable {
     for (int p = 0; p < geo.num_points(); ++p) dcnv3::kernel_displacement(geo, p, dx[p], dy[p]);
   }
 };
+
+// Corners of a sample whose four neighbours all lie inside the map (x in [0, W - 1), y in [0, H - 1)), the common
+// case: fixed strides, unmasked bilinear weights, no per-corner checks. Also returns the fractional position.
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline Corners<scalar_t, acc_t> interior_corners(acc_t x, acc_t y,
+                                                                                const scalar_t* image,
+                                                                                const Geometry& geo,
+                                                                                int64_t channels, acc_t& fx,
+                                                                                acc_t& fy) {
+  const int64_t x0 = static_cast<int64_t>(x), y0 = static_cast<int64_t>(y);
+  fx = x - static_cast<acc_t>(x0);
+  fy = y - static_cast<acc_t>(y0);
+  const scalar_t* top_left = image + (y0 * geo.width_in + x0) * channels;
+  const int64_t row = geo.width_in * channels;
+  Corners<scalar_t, acc_t> corners;
+  corners.pointer[0] = top_left;
+  corners.pointer[1] = top_left + channels;
+  corners.pointer[2] = top_left + row;
+  corners.pointer[3] = top_left + row + channels;
+  corners.weight[0] = (1 - fy) * (1 - fx);
+  corners.weight[1] = (1 - fy) * fx;
+  corners.weight[2] = fy * (1 - fx);
+  corners.weight[3] = fy * fx;
+  return corners;
+}
 
 #if defined(__GNUC__)
 // Eight floats as one value: one AVX register in the AVX2 build, two SSE registers otherwise.
@@ -174,7 +192,6 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
   const acc_t scale = static_cast<acc_t>(geo.offset_scale);
   // Samples with x in [0, W - 1) and y in [0, H - 1) have all four neighbours inside the map.
   const acc_t interior_x = static_cast<acc_t>(geo.width_in - 1), interior_y = static_cast<acc_t>(geo.height_in - 1);
-  const int64_t row_stride = geo.width_in * channels;
   ChannelBuffer<acc_t, DEPTH> acc(depth);
   for (int64_t pixel = begin; pixel < end; ++pixel) {
     const int64_t w = pixel % geo.width_out, h = (pixel / geo.width_out) % geo.height_out;
@@ -193,18 +210,9 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
         const acc_t m = static_cast<acc_t>(point_mask[p]);
         Corners<scalar_t, acc_t> corners;
         if (x >= acc_t(0) && y >= acc_t(0) && x < interior_x && y < interior_y) {
-          // All four neighbours inside the map (the common case): no per-corner checks.
-          const int64_t x0 = static_cast<int64_t>(x), y0 = static_cast<int64_t>(y);
-          const acc_t fx = x - static_cast<acc_t>(x0), fy = y - static_cast<acc_t>(y0);
-          const scalar_t* top_left = image + (y0 * geo.width_in + x0) * channels;
-          corners.pointer[0] = top_left;
-          corners.pointer[1] = top_left + channels;
-          corners.pointer[2] = top_left + row_stride;
-          corners.pointer[3] = top_left + row_stride + channels;
-          corners.weight[0] = m * (1 - fy) * (1 - fx);
-          corners.weight[1] = m * (1 - fy) * fx;
-          corners.weight[2] = m * fy * (1 - fx);
-          corners.weight[3] = m * fy * fx;
+          acc_t fx, fy;
+          corners = interior_corners(x, y, image, geo, channels, fx, fy);
+          for (int k = 0; k < 4; ++k) corners.weight[k] *= m;
         } else {
           const auto fp = dcnv3::footprint_at<acc_t>(geo, x, y, m);
           if (!fp.inside) continue;
@@ -235,7 +243,6 @@ __attribute__((always_inline)) inline void backward_range(
   const int64_t channels = geo.channels();
   const acc_t scale = static_cast<acc_t>(geo.offset_scale);
   const acc_t interior_x = static_cast<acc_t>(geo.width_in - 1), interior_y = static_cast<acc_t>(geo.height_in - 1);
-  const int64_t row_stride = geo.width_in * channels;
   ChannelBuffer<acc_t, DEPTH> upstream(depth);
   for (int64_t task = begin; task < end; ++task) {  // task = (image, group): owns grad_value[n, :, :, g]
     const int64_t n = task / geo.group, g = task % geo.group;
@@ -259,19 +266,8 @@ __attribute__((always_inline)) inline void backward_range(
           acc_t fx, fy, sampled_dot, d_x, d_y;
           const bool interior = x >= acc_t(0) && y >= acc_t(0) && x < interior_x && y < interior_y;
           acc_t inside[4] = {1, 1, 1, 1};
-          if (interior) {  // all four neighbours inside the map (the common case): no per-corner checks
-            const int64_t x0 = static_cast<int64_t>(x), y0 = static_cast<int64_t>(y);
-            fx = x - static_cast<acc_t>(x0);
-            fy = y - static_cast<acc_t>(y0);
-            const scalar_t* top_left = image + (y0 * geo.width_in + x0) * channels;
-            corners.pointer[0] = top_left;
-            corners.pointer[1] = top_left + channels;
-            corners.pointer[2] = top_left + row_stride;
-            corners.pointer[3] = top_left + row_stride + channels;
-            corners.weight[0] = (1 - fy) * (1 - fx);
-            corners.weight[1] = (1 - fy) * fx;
-            corners.weight[2] = fy * (1 - fx);
-            corners.weight[3] = fy * fx;
+          if (interior) {
+            corners = interior_corners(x, y, image, geo, channels, fx, fy);
             point_gradient_sums<false, DEPTH>(upstream.data, corners, inside, fx, fy, depth, sampled_dot, d_x, d_y);
           } else {
             // Unmasked bilinear weights: the mask scales the value gradient and the location gradient.
