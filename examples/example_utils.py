@@ -76,6 +76,16 @@ def parse_example_arguments(data_class, argv: list[str], demo_defaults: list[str
     return arguments
 
 
+def load_image_folders(data_args: DataArguments):
+    """--train_dir (and --validation_dir) as imagefolder datasets (class subfolders, or a metadata.jsonl)."""
+    from datasets import load_dataset
+
+    data_files = {"train": str(Path(data_args.train_dir) / "**")}
+    if data_args.validation_dir:
+        data_files["validation"] = str(Path(data_args.validation_dir) / "**")
+    return load_dataset("imagefolder", data_files=data_files)
+
+
 def finish_splits(dataset, data_args: DataArguments, seed: int):
     """Carve a validation split out of train when there is none, and apply the sample limits."""
     if "validation" not in dataset:

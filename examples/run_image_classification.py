@@ -30,6 +30,7 @@ from example_utils import (
     is_main_process,
     is_preset,
     load_config,
+    load_image_folders,
     load_metric,
     log_run_setup,
     parse_example_arguments,
@@ -89,11 +90,9 @@ def load_data(data_args: DataTrainingArguments, seed: int):
         dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
     elif data_args.train_dir:
         check_image_folder(data_args.train_dir, "train_dir")
-        data_files = {"train": str(Path(data_args.train_dir) / "**")}
         if data_args.validation_dir:
             check_image_folder(data_args.validation_dir, "validation_dir")
-            data_files["validation"] = str(Path(data_args.validation_dir) / "**")
-        dataset = load_dataset("imagefolder", data_files=data_files)
+        dataset = load_image_folders(data_args)
     else:
         from digits_data import digits_classification
 
@@ -228,10 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=accuracy_function(len(labels)),
     )
     results = train_and_evaluate(trainer, training_args)
-    if training_args.do_eval and trainer.is_world_process_zero():
-        prediction = trainer.predict(dataset["validation"], metric_key_prefix="confusion")
-        save_confusion_matrix(prediction.predictions, prediction.label_ids, labels,
-                              Path(training_args.output_dir) / "confusion_matrix.png")  # fmt: skip
+    if training_args.do_eval:
+        prediction = trainer.predict(dataset["validation"], metric_key_prefix="confusion")  # every rank gathers
+        if trainer.is_world_process_zero():
+            save_confusion_matrix(prediction.predictions, prediction.label_ids, labels,
+                                  Path(training_args.output_dir) / "confusion_matrix.png")  # fmt: skip
     publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="image-classification",
             dataset=data_args.dataset_name or "scikit-learn digits", tags=["image-classification", "internimage"])  # fmt: skip
 

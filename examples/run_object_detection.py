@@ -36,6 +36,7 @@ from example_utils import (
     is_main_process,
     is_preset,
     load_config,
+    load_image_folders,
     log_run_setup,
     parse_example_arguments,
     prepare_output_dir,
@@ -60,7 +61,7 @@ from modeling_internimage import InternImageBackbone, InternImageConfig
 
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage2", "stage3", "stage4"]
-DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "100", "--learning_rate", "1e-3",
+DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "60", "--learning_rate", "1e-3",
                  "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
                  "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay", "1e-4",
                  "--warmup_steps", "50", "--lr_scheduler_type", "cosine", "--max_grad_norm", "0.1",
@@ -89,10 +90,7 @@ def load_data(data_args: DataTrainingArguments, seed: int):
         for role, directory in (("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)):
             if directory and not (Path(directory) / "metadata.jsonl").is_file():
                 raise ExampleError(f"--{role} {directory} has no metadata.jsonl (COCO-style boxes per image)")
-        data_files = {"train": str(Path(data_args.train_dir) / "**")}
-        if data_args.validation_dir:
-            data_files["validation"] = str(Path(data_args.validation_dir) / "**")
-        dataset = load_dataset("imagefolder", data_files=data_files)
+        dataset = load_image_folders(data_args)
     else:
         from digits_data import digits_scenes
 

@@ -67,6 +67,20 @@ def test_classification_under_torchrun_with_two_processes(tmp_path):
     AutoModelForImageClassification.from_pretrained(tmp_path)
 
 
+def test_classification_under_accelerate_launch(tmp_path):
+    """accelerate's DDP launcher (--multi_gpu); without GPUs its two processes train on the CPU over gloo."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+         str(PROJECT_ROOT / "examples" / "run_image_classification.py"), *QUICK, "--output_dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "training with 2 process(es)" in result.stderr
+    AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
 def test_push_to_hub_uploads_weights_code_config_processor_and_card(tmp_path, monkeypatch):
     import transformers.trainer as trainer_module
 
@@ -148,6 +162,8 @@ def test_segmentation_folders_need_masks(tmp_path):
 
 def test_classification_uses_the_hub_kernel_when_asked(tmp_path, caplog):
     """--use_hub_kernels goes through use_hub_kernels; offline without a cached kernel it falls back and trains."""
-    results = run_image_classification.main(QUICK + ["--use_hub_kernels", "--output_dir", str(tmp_path)])
-    assert "eval_accuracy" in results
+    with caplog.at_level("WARNING", logger="modeling_internimage.hub_kernels"):
+        results = run_image_classification.main(QUICK + ["--use_hub_kernels", "--output_dir", str(tmp_path)])
+    fallbacks = [r for r in caplog.records if r.name == "modeling_internimage.hub_kernels"]
+    assert len(fallbacks) == 1 and "keeps the PyTorch DCNv3 operator" in fallbacks[0].getMessage()
     assert torch.isfinite(torch.tensor(results["eval_loss"]))
