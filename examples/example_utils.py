@@ -206,3 +206,11 @@ def check_reload(model: torch.nn.Module, model_class, output_dir: str, inputs: d
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then close the process group: a rank that exits while another still works (e.g. rank
+    0's reload check) would otherwise abort in gloo's threads at interpreter exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

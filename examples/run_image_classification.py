@@ -26,6 +26,7 @@ from example_utils import (
     ModelArguments,
     check_reload,
     enable_hub_kernels,
+    finish_distributed,
     finish_splits,
     is_main_process,
     is_preset,
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nsummary: validation accuracy {results.get('eval_accuracy', float('nan')):.4f}, "
               f"{time.time() - started:.0f} s, model in {training_args.output_dir} "
               f"(reloaded with AutoModelForImageClassification, max logit difference {difference:.1e})")  # fmt: skip
+    finish_distributed()
     return results
 
 

@@ -32,6 +32,7 @@ from example_utils import (
     ExampleError,
     ModelArguments,
     enable_hub_kernels,
+    finish_distributed,
     finish_splits,
     is_main_process,
     is_preset,
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nsummary: validation mAP {results.get('eval_map', float('nan')):.4f}, {time.time() - started:.0f} s, "
               f"model in {training_args.output_dir} (reloaded with AutoModelForObjectDetection, max box "
               f"difference {difference:.1e})")  # fmt: skip
+    finish_distributed()
     return results
 
 

@@ -30,6 +30,7 @@ from example_utils import (
     ModelArguments,
     check_reload,
     enable_hub_kernels,
+    finish_distributed,
     finish_splits,
     is_main_process,
     is_preset,
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nsummary: validation mean IoU {results.get('eval_mean_iou', float('nan')):.4f}, "
               f"{time.time() - started:.0f} s, model in {training_args.output_dir} "
               f"(reloaded with AutoModelForSemanticSegmentation, max logit difference {difference:.1e})")  # fmt: skip
+    finish_distributed()
     return results
 
 
