@@ -194,14 +194,14 @@ def enable_hub_kernels(model: torch.nn.Module, model_args: ModelArguments) -> No
         use_hub_kernels(model)
 
 
-def check_reload(model: torch.nn.Module, model_class, output_dir: str, inputs: dict) -> float:
-    """Reload the saved model with `model_class.from_pretrained` and return the largest output difference."""
+def check_reload(model: torch.nn.Module, model_class, output_dir: str, inputs: dict, output: str = "logits") -> float:
+    """Reload the saved model with `model_class.from_pretrained` and return the largest difference of `output`."""
     reloaded = model_class.from_pretrained(output_dir).to(model.device).eval()
     model.eval()
     with torch.no_grad():
         expected = model(**inputs)
         actual = reloaded(**inputs)
-    return (actual.logits - expected.logits).abs().max().item()
+    return (getattr(actual, output) - getattr(expected, output)).abs().max().item()
 
 
 def is_main_process() -> bool:

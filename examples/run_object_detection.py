@@ -31,6 +31,7 @@ from example_utils import (
     DataArguments,
     ExampleError,
     ModelArguments,
+    check_reload,
     enable_hub_kernels,
     finish_distributed,
     finish_splits,
@@ -314,11 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
             dataset=data_args.dataset_name or "scikit-learn digits scenes", tags=["rt-detr", "internimage"])  # fmt: skip
 
     if training_args.do_train and is_main_process():
-        pixel_values = collate([dataset["validation"][0]])["pixel_values"].to(trainer.model.device)
-        reloaded = AutoModelForObjectDetection.from_pretrained(training_args.output_dir).to(trainer.model.device).eval()
-        trainer.model.eval()
-        with torch.no_grad():
-            difference = (reloaded(pixel_values).pred_boxes - trainer.model(pixel_values).pred_boxes).abs().max().item()
+        inputs = {"pixel_values": collate([dataset["validation"][0]])["pixel_values"].to(trainer.model.device)}
+        difference = check_reload(trainer.model, AutoModelForObjectDetection, training_args.output_dir, inputs,
+                                  output="pred_boxes")  # fmt: skip
         results["reload_max_difference"] = difference
         print(f"\nsummary: validation mAP {results.get('eval_map', float('nan')):.4f}, {time.time() - started:.0f} s, "
               f"model in {training_args.output_dir} (reloaded with AutoModelForObjectDetection, max box "
