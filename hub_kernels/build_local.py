@@ -74,7 +74,10 @@ def variant_name(backend: str) -> str:
 def source_revision(kernel_dir: Path) -> str:
     """Short git revision of the kernel sources, with `_dirty` when they have uncommitted changes."""
     def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=kernel_dir, capture_output=True, text=True)
+        try:
+            result = subprocess.run(["git", *args], cwd=kernel_dir, capture_output=True, text=True)
+        except FileNotFoundError:  # no git on the machine (a bare GPU image, say)
+            return ""
         return result.stdout.strip() if result.returncode == 0 else ""
 
     revision = git("rev-parse", "--short=7", "HEAD") or "0000000"
