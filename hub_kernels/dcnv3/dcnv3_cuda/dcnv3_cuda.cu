@@ -261,16 +261,23 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Widest vector (16 bytes at most) dividing the group width, for which every access stays aligned.
+// Widest vector of at most `max_elements` (and 16 bytes) dividing the group width, for which every access stays
+// aligned.
 template <typename scalar_t>
-int vector_width(const Geometry& geo, std::initializer_list<const void*> pointers) {
-  for (int vec = 16 / static_cast<int>(sizeof(scalar_t)); vec > 1; vec /= 2) {
+int vector_width(const Geometry& geo, std::initializer_list<const void*> pointers, int max_elements) {
+  for (int vec = std::min<int>(max_elements, 16 / sizeof(scalar_t)); vec > 1; vec /= 2) {
     bool aligned = geo.group_channels % vec == 0;
-    for (const void* pointer : pointers) aligned &= reinterpret_cast<uintptr_t>(pointer) % (vec * sizeof(scalar_t)) == 0;
+    for (const void* pointer : pointers) {
+      aligned &= reinterpret_cast<uintptr_t>(pointer) % (vec * sizeof(scalar_t)) == 0;
+    }
     if (aligned) return vec;
   }
   return 1;
 }
+
+// The backward gives a lane at most 4 channels: 8 half-type channels made teams of 2 lanes, blocks of 128 threads
+// (items per block are capped for shared memory) and twice the atomics in a row per lane.
+constexpr int kBackwardMaxVec = 4;
 
 template <typename Body>
 void with_vector_width(int vec, Body&& body) {
@@ -298,7 +305,7 @@ torch::Tensor dcnv3_forward_cuda(const torch::Tensor& input, const torch::Tensor
   if (output.numel() == 0) return output;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_forward_cuda", [&] {
-    const int vec = vector_width<scalar_t>(geo, {value.data_ptr(), output.data_ptr()});
+    const int vec = vector_width<scalar_t>(geo, {value.data_ptr(), output.data_ptr()}, 8);
     with_vector_width(vec, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
       const Launch launch = plan_launch<at::opmath_type<scalar_t>>(geo, VEC);
@@ -334,7 +341,7 @@ std::vector<torch::Tensor> dcnv3_backward_cuda(const torch::Tensor& input, const
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const int vec = vector_width<scalar_t>(geo, {value.data_ptr(), upstream.data_ptr()});
+      const int vec = vector_width<scalar_t>(geo, {value.data_ptr(), upstream.data_ptr()}, kBackwardMaxVec);
       with_vector_width(vec, [&](auto width) {
         constexpr int VEC = decltype(width)::value;
         const Launch launch = plan_launch<acc_t>(geo, VEC);
