@@ -3,7 +3,8 @@
 //
 // The channels of one group are contiguous (channels-last), so every sample is a short vector multiply-add. The
 // loops are compiled for the common group widths (8, 16, 32, 64) with the width known, and on x86 a second time for
-// AVX2/FMA, chosen at run time; other widths take the generic loop.
+// AVX2/FMA, chosen at run time; other widths take the generic loop. The float forward of those widths computes the
+// points' footprints eight at a time, which leaves the per-point work to the multiply-adds.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -62,13 +63,15 @@ inline Corners<scalar_t, acc_t> corners_of(const dcnv3::Footprint<acc_t>& fp, co
   return result;
 }
 
-// Per-call constants: where each sampling point sits relative to its output pixel, offset excluded.
+// Per-call constants: where each sampling point sits relative to its output pixel, offset excluded. Zero-padded to
+// whole vectors of 8 points for the vectorised footprints.
 template <typename acc_t>
 struct PointTable {
   std::vector<acc_t> dx, dy;
-  explicit PointTable(const Geometry& geo) : dx(geo.num_points()), dy(geo.num_points()) {
+  explicit PointTable(const Geometry& geo) : dx(padded(geo.num_points())), dy(padded(geo.num_points())) {
     for (int p = 0; p < geo.num_points(); ++p) dcnv3::kernel_displacement(geo, p, dx[p], dy[p]);
   }
+  static int64_t padded(int points) { return (points + 7) / 8 * 8; }
 };
 
 // Corners of a sample whose four neighbours all lie inside the map (x in [0, W - 1), y in [0, H - 1)), the common
@@ -107,6 +110,8 @@ inline Float8 load8(const float* pointer) {
   return vector;
 }
 
+inline void store8(float* pointer, Float8 vector) { __builtin_memcpy(pointer, &vector, sizeof(vector)); }
+
 // The four horizontal sums of a, b, c, d by a pairwise-add tree (as vhaddps does), instead of four serial chains.
 __attribute__((always_inline)) inline void horizontal_sums(Float8 a, Float8 b, Float8 c, Float8 d, float sums[4]) {
   const Int8 even = {0, 2, 8, 10, 4, 6, 12, 14}, odd = {1, 3, 9, 11, 5, 7, 13, 15};
@@ -114,6 +119,71 @@ __attribute__((always_inline)) inline void horizontal_sums(Float8 a, Float8 b, F
   const Float8 cd = __builtin_shuffle(c, d, even) + __builtin_shuffle(c, d, odd);
   const Float8 abcd = __builtin_shuffle(ab, cd, even) + __builtin_shuffle(ab, cd, odd);
   for (int k = 0; k < 4; ++k) sums[k] = abcd[k] + abcd[k + 4];
+}
+
+// Points of one item whose footprints are computed eight at a time (kernels up to 5x5).
+constexpr int kMaxVectorPoints = 32;
+
+// Footprints of one item's points: each corner's element offset in the image (clamped into the map) and weight
+// (bilinear weight times the point's mask weight; zero for a corner outside the map), so that every point, at the
+// border or not, takes the same branch-free multiply-adds.
+struct ItemFootprints {
+  alignas(32) int corner[4][kMaxVectorPoints];
+  alignas(32) float weight[4][kMaxVectorPoints];
+};
+
+inline void store8(int* pointer, Int8 vector) { __builtin_memcpy(pointer, &vector, sizeof(vector)); }
+
+// Fills `fp` for the item's `points` points (offsets interleaved x, y), eight per step: per-point scalar work
+// (location, floor, bounds, weights) otherwise costs more than the point's vector multiply-adds. Needs
+// H_in * W_in * C < 2^31 (element offsets in int).
+__attribute__((always_inline)) inline void item_footprints(const float* point_offset, const float* point_mask,
+                                                           int points, float center_x, float center_y,
+                                                           const PointTable<float>& table, const Geometry& geo,
+                                                           ItemFootprints& fp) {
+  const Int8 even = {0, 2, 4, 6, 8, 10, 12, 14}, odd = {1, 3, 5, 7, 9, 11, 13, 15};
+  const Float8 zero = {}, one = zero + 1.0f, minus_one = zero - 1.0f;
+  const Int8 zero_index = {};
+  const float scale = geo.offset_scale, width_f = geo.width_in, height_f = geo.height_in;
+  const int width = static_cast<int>(geo.width_in), height = static_cast<int>(geo.height_in);
+  const int channels = static_cast<int>(geo.channels());
+  for (int first = 0; first < points; first += 8) {
+    const int count = points - first < 8 ? points - first : 8;
+    float offsets[16] = {}, masks[8] = {};  // a short last step reads from here, not past the item
+    const float* offset_source = point_offset + 2 * first;
+    const float* mask_source = point_mask + first;
+    if (count < 8) {
+      __builtin_memcpy(offsets, offset_source, sizeof(float) * 2 * count);
+      __builtin_memcpy(masks, mask_source, sizeof(float) * count);
+      offset_source = offsets;
+      mask_source = masks;
+    }
+    const Float8 low = load8(offset_source), high = load8(offset_source + 8);
+    Float8 x = center_x + load8(table.dx.data() + first) + scale * __builtin_shuffle(low, high, even);
+    Float8 y = center_y + load8(table.dy.data() + first) + scale * __builtin_shuffle(low, high, odd);
+    // Points with no corner in the map (and NaN locations) get zero weights; their location is reset to keep the
+    // integer conversion defined.
+    const Int8 inside = (x > minus_one) & (y > minus_one) & (x < width_f) & (y < height_f);
+    x = inside ? x : zero;
+    y = inside ? y : zero;
+    const Int8 x0 = __builtin_convertvector(x, Int8) + (x < zero), y0 = __builtin_convertvector(y, Int8) + (y < zero);
+    const Float8 fx = x - __builtin_convertvector(x0, Float8), fy = y - __builtin_convertvector(y0, Float8);
+    const Int8 x0_in = x0 >= 0, x1_in = x0 + 1 < width, y0_in = (y0 >= 0) & inside, y1_in = (y0 + 1 < height) & inside;
+    const Float8 mask = load8(mask_source);
+    const Float8 lower_mask = mask * fy;
+    const Float8 upper = y0_in ? mask - lower_mask : zero, lower = y1_in ? lower_mask : zero;
+    const Float8 left = x0_in ? one - fx : zero, right = x1_in ? fx : zero;
+    const Int8 column0 = x0_in ? x0 : zero_index, column1 = x1_in ? x0 + 1 : column0;
+    const Int8 row0 = (y0_in ? y0 : zero_index) * width, row1 = y1_in ? (y0 + 1) * width : row0;
+    store8(fp.corner[0] + first, (row0 + column0) * channels);
+    store8(fp.corner[1] + first, (row0 + column1) * channels);
+    store8(fp.corner[2] + first, (row1 + column0) * channels);
+    store8(fp.corner[3] + first, (row1 + column1) * channels);
+    store8(fp.weight[0] + first, upper * left);
+    store8(fp.weight[1] + first, upper * right);
+    store8(fp.weight[2] + first, lower * left);
+    store8(fp.weight[3] + first, lower * right);
+  }
 }
 #define DCNV3_VECTOR_EXTENSIONS 1
 #else
@@ -178,6 +248,46 @@ __attribute__((always_inline)) inline void scatter_interior(const acc_t* __restr
   }
 }
 
+#if DCNV3_VECTOR_EXTENSIONS
+// forward_range for float and a group width that is a multiple of 8: footprints eight points at a time
+// (`item_footprints`), the group's channels accumulated in registers, eight at a time.
+template <int DEPTH>
+__attribute__((always_inline)) inline void forward_range_vector(const float* __restrict__ value,
+                                                                const float* __restrict__ offset,
+                                                                const float* __restrict__ mask,
+                                                                float* __restrict__ output, const Geometry& geo,
+                                                                const PointTable<float>& table, int64_t begin,
+                                                                int64_t end) {
+  constexpr int kVectors = DEPTH / 8;
+  const int points = geo.num_points();
+  const int64_t channels = geo.channels();
+  ItemFootprints fp;
+  for (int64_t pixel = begin; pixel < end; ++pixel) {
+    const int64_t w = pixel % geo.width_out, h = (pixel / geo.width_out) % geo.height_out;
+    const int64_t n = pixel / (geo.width_out * geo.height_out);
+    float center_x, center_y;
+    dcnv3::pixel_center(geo, h, w, center_x, center_y);
+    for (int64_t g = 0; g < geo.group; ++g) {
+      const float* image = value + n * geo.height_in * geo.width_in * channels + g * DEPTH;
+      const int64_t item = pixel * geo.group + g;
+      const float* point_offset = offset + item * points * 2;
+      const float* point_mask = mask + item * points;
+      item_footprints(point_offset, point_mask, points, center_x, center_y, table, geo, fp);
+      Float8 acc[kVectors] = {};
+      for (int p = 0; p < points; ++p) {
+        for (int v = 0; v < kVectors; ++v) {
+          acc[v] += fp.weight[0][p] * load8(image + fp.corner[0][p] + 8 * v) +
+                    fp.weight[1][p] * load8(image + fp.corner[1][p] + 8 * v) +
+                    fp.weight[2][p] * load8(image + fp.corner[2][p] + 8 * v) +
+                    fp.weight[3][p] * load8(image + fp.corner[3][p] + 8 * v);
+        }
+      }
+      __builtin_memcpy(output + item * DEPTH, acc, sizeof(acc));
+    }
+  }
+}
+#endif
+
 template <typename scalar_t, int DEPTH>
 __attribute__((always_inline)) inline void forward_range(const scalar_t* __restrict__ value,
                                                          const scalar_t* __restrict__ offset,
@@ -185,6 +295,13 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
                                                          scalar_t* __restrict__ output, const Geometry& geo,
                                                          const PointTable<at::opmath_type<scalar_t>>& table,
                                                          int64_t begin, int64_t end) {
+#if DCNV3_VECTOR_EXTENSIONS
+  if constexpr (std::is_same_v<scalar_t, float> && DEPTH > 0 && DEPTH % 8 == 0) {
+    if (geo.num_points() <= kMaxVectorPoints && geo.height_in * geo.width_in * geo.channels() < (int64_t(1) << 31)) {
+      return forward_range_vector<DEPTH>(value, offset, mask, output, geo, table, begin, end);
+    }
+  }
+#endif
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t depth = ChannelBuffer<acc_t, DEPTH>::size(geo.group_channels);
   const int points = geo.num_points();

@@ -70,6 +70,7 @@ CASES = [
     dict(group=4, group_channels=16),
     dict(group=2, group_channels=32, offset_scale=2.0),
     dict(group=3, group_channels=5, remove_center=True),
+    dict(group=2, group_channels=16, remove_center=True),
     dict(group=2, group_channels=8, kernel_size=5, pad=2),
     dict(group=1, group_channels=7, stride=2),
     dict(group=2, group_channels=3, dilation=2, pad=2),
