@@ -2,9 +2,11 @@
 same run. Prints milliseconds and ratios to ConvNeXt-T; not a test (timings depend on the machine).
 
 "InternImage-T (CPU kernel)" runs the DCNv3 hub kernel's CPU variant built locally
-(`bash scripts/build_kernels.sh cpu`), when present. "InternImage-T (original op)" is the same model with the original repository's PyTorch operator re-enacted step by
-step (padding, float32 reference grids, grid_sample over (N*G, H*W, P) grids, mask multiply-sum, Tensor.softmax),
-so the gain of this package's operator is measured in the same run.
+(`bash scripts/build_kernels.sh cpu`), when present. "InternImage-T (original op)" is the same model with the
+original repository's PyTorch operator re-enacted step by step (padding, float32 reference grids, grid_sample over
+(N*G, H*W, P) grids, mask multiply-sum, Tensor.softmax), so the gain of this package's operator is measured in the
+same run. "InternImage-T (no DCNv3 op)" skips the deformable aggregation altogether (each core returns its input):
+the floor for any DCNv3 kernel. The models take turns, repeat by repeat.
 
     .venv/bin/python benchmarks/benchmark_cpu_forward.py [--batch-sizes 1 8] [--repeats 5] [--threads N]
 """
@@ -74,27 +76,38 @@ def with_original_style_op(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def median_latency_ms(model: torch.nn.Module, batch_size: int, repeats: int, warmup: int = 2) -> float:
-    pixel_values = torch.randn(batch_size, 3, 224, 224)
+def timed_call_ms(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
     original_softmax = modeling.softmax_last_dim
     if getattr(model, "original_style", False):
         modeling.softmax_last_dim = lambda logits: logits.softmax(-1)
     try:
-        return _median_latency_ms(model, pixel_values, repeats, warmup)
+        start = time.perf_counter()
+        model(pixel_values)
+        return 1000 * (time.perf_counter() - start)
     finally:
         modeling.softmax_last_dim = original_softmax
 
 
-def _median_latency_ms(model, pixel_values, repeats, warmup) -> float:
+def median_latencies_ms(models: dict[str, torch.nn.Module], batch_size: int, repeats: int, warmup: int = 2):
+    """Median latency of each model; the models take turns, so that the machine's drift touches all of them alike."""
+    pixel_values = torch.randn(batch_size, 3, 224, 224)
+    times = {name: [] for name in models}
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(pixel_values)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(pixel_values)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for round_index in range(warmup + repeats):
+            for name, model in models.items():
+                elapsed = timed_call_ms(model, pixel_values)
+                if round_index >= warmup:
+                    times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def without_aggregation(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every DCNv3 core return its value input: the rest of InternImage-T at no cost for the deformable
+    aggregation, i.e. the time no DCNv3 kernel can go below."""
+    for module in model.modules():
+        if isinstance(module, DCNv3Core):
+            module.forward = lambda value, offset, mask: value
+    return model
 
 
 def build_models() -> dict[str, torch.nn.Module]:
@@ -112,6 +125,9 @@ def build_models() -> dict[str, torch.nn.Module]:
         mapping = {"DCNv3": {"cpu": LocalLayerRepository(KERNEL_BUILD, layer_name="DCNv3")}}
         if uses_hub_kernel(use_hub_kernels(with_kernel, mapping=mapping)):
             models["InternImage-T (CPU kernel)"] = with_kernel
+    models["InternImage-T (no DCNv3 op)"] = without_aggregation(
+        InternImageModel(InternImageConfig.from_variant("t")).eval()
+    )
     return models
 
 
@@ -128,7 +144,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
     print(f"{'model':<28}{'batch':>6}{'ms':>10}{'x ConvNeXt-T':>15}")
     for batch_size in args.batch_sizes:
-        latencies = {name: median_latency_ms(model, batch_size, args.repeats) for name, model in models.items()}
+        latencies = median_latencies_ms(models, batch_size, args.repeats)
         for name, latency in latencies.items():
             ratio = latency / latencies["ConvNeXt-T"]
             print(f"{name:<28}{batch_size:>6}{latency:>10.1f}{ratio:>15.2f}")
