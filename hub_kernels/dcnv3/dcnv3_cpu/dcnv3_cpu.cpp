@@ -4,8 +4,9 @@
 //
 // The channels of one group are contiguous (channels-last), so every sample is a short vector multiply-add. The
 // loops are compiled for the common group widths (8, 16, 32, 64) with the width known, and on x86 a second time for
-// AVX2/FMA, chosen at run time; other widths take the generic loop. The float forward of those widths computes the
-// points' footprints eight at a time, which leaves the per-point work to the multiply-adds.
+// AVX2/FMA, chosen at run time; other widths take the generic loop. In float with those widths the points'
+// footprints are computed eight at a time (the forward's for all points, branch-free; the backward's for the points
+// away from the border), which leaves the per-point work to the multiply-adds.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -54,8 +55,8 @@ struct Corners {
 // Corners of a sample near the border: those outside the map have weight 0 and point at a clamped pixel, so the
 // loop over corners needs no branch.
 template <typename scalar_t, typename acc_t>
-inline Corners<scalar_t, acc_t> corners_of(const dcnv3::Footprint<acc_t>& fp, const scalar_t* image, const Geometry& geo,
-                                           int64_t channels) {
+inline Corners<scalar_t, acc_t> corners_of(const dcnv3::Footprint<acc_t>& fp, const scalar_t* image,
+                                           const Geometry& geo, int64_t channels) {
   Corners<scalar_t, acc_t> result;
   for (int k = 0; k < 4; ++k) {
     result.pointer[k] = image + dcnv3::corner_row(geo, 0, fp.y0, fp.x0, k) * channels;
@@ -127,8 +128,8 @@ constexpr int kMaxVectorPoints = 32;
 
 // Footprints of one item's points: each corner's element offset in the image (clamped into the map) and weight
 // (bilinear weight times the point's mask weight; zero for a corner outside the map), so that every point, at the
-// border or not, takes the same branch-free multiply-adds.
-// For the backward also the fractional position and whether all four corners lie inside the map.
+// border or not, takes the same branch-free multiply-adds in the forward; for the backward also the fractional
+// position and whether all four corners lie inside the map.
 struct ItemFootprints {
   alignas(32) int corner[4][kMaxVectorPoints];
   alignas(32) float weight[4][kMaxVectorPoints];
@@ -149,7 +150,7 @@ inline void store8(int* pointer, Int8 vector) { __builtin_memcpy(pointer, &vecto
 __attribute__((always_inline)) inline void item_footprints(const float* point_offset, const float* point_mask,
                                                            int points, float center_x, float center_y,
                                                            const PointTable<float>& table, const Geometry& geo,
-                                                           ItemFootprints& fp) {
+                                                           ItemFootprints& footprints) {
   const Int8 even = {0, 2, 4, 6, 8, 10, 12, 14}, odd = {1, 3, 5, 7, 9, 11, 13, 15};
   const Float8 zero = {}, one = zero + 1.0f, minus_one = zero - 1.0f;
   const Int8 zero_index = {};
@@ -174,28 +175,28 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     // Points with no corner in the map (and NaN locations) get zero weights; their location is reset to keep the
     // integer conversion defined.
     const Int8 inside = (x > minus_one) & (y > minus_one) & (x < width_f) & (y < height_f);
-    store8(fp.interior + first, (x >= zero) & (y >= zero) & (x < last_x) & (y < last_y));
+    store8(footprints.interior + first, (x >= zero) & (y >= zero) & (x < last_x) & (y < last_y));
     x = inside ? x : zero;
     y = inside ? y : zero;
     const Int8 x0 = __builtin_convertvector(x, Int8) + (x < zero), y0 = __builtin_convertvector(y, Int8) + (y < zero);
     const Float8 fx = x - __builtin_convertvector(x0, Float8), fy = y - __builtin_convertvector(y0, Float8);
     const Int8 x0_in = x0 >= 0, x1_in = x0 + 1 < width, y0_in = (y0 >= 0) & inside, y1_in = (y0 + 1 < height) & inside;
-    store8(fp.fx + first, fx);
-    store8(fp.fy + first, fy);
+    store8(footprints.fx + first, fx);
+    store8(footprints.fy + first, fy);
     const Float8 mask = point_mask ? load8(mask_source) : one;
     const Float8 lower_mask = mask * fy;
     const Float8 upper = y0_in ? mask - lower_mask : zero, lower = y1_in ? lower_mask : zero;
     const Float8 left = x0_in ? one - fx : zero, right = x1_in ? fx : zero;
     const Int8 column0 = x0_in ? x0 : zero_index, column1 = x1_in ? x0 + 1 : column0;
     const Int8 row0 = (y0_in ? y0 : zero_index) * width, row1 = y1_in ? (y0 + 1) * width : row0;
-    store8(fp.corner[0] + first, (row0 + column0) * channels);
-    store8(fp.corner[1] + first, (row0 + column1) * channels);
-    store8(fp.corner[2] + first, (row1 + column0) * channels);
-    store8(fp.corner[3] + first, (row1 + column1) * channels);
-    store8(fp.weight[0] + first, upper * left);
-    store8(fp.weight[1] + first, upper * right);
-    store8(fp.weight[2] + first, lower * left);
-    store8(fp.weight[3] + first, lower * right);
+    store8(footprints.corner[0] + first, (row0 + column0) * channels);
+    store8(footprints.corner[1] + first, (row0 + column1) * channels);
+    store8(footprints.corner[2] + first, (row1 + column0) * channels);
+    store8(footprints.corner[3] + first, (row1 + column1) * channels);
+    store8(footprints.weight[0] + first, upper * left);
+    store8(footprints.weight[1] + first, upper * right);
+    store8(footprints.weight[2] + first, lower * left);
+    store8(footprints.weight[3] + first, lower * right);
   }
 }
 #define DCNV3_VECTOR_EXTENSIONS 1
@@ -274,7 +275,7 @@ __attribute__((always_inline)) inline void forward_range_vector(const float* __r
   constexpr int kVectors = DEPTH / 8;
   const int points = geo.num_points();
   const int64_t channels = geo.channels();
-  ItemFootprints fp;
+  ItemFootprints footprints;
   for (int64_t pixel = begin; pixel < end; ++pixel) {
     const int64_t w = pixel % geo.width_out, h = (pixel / geo.width_out) % geo.height_out;
     const int64_t n = pixel / (geo.width_out * geo.height_out);
@@ -285,14 +286,14 @@ __attribute__((always_inline)) inline void forward_range_vector(const float* __r
       const int64_t item = pixel * geo.group + g;
       const float* point_offset = offset + item * points * 2;
       const float* point_mask = mask + item * points;
-      item_footprints(point_offset, point_mask, points, center_x, center_y, table, geo, fp);
+      item_footprints(point_offset, point_mask, points, center_x, center_y, table, geo, footprints);
       Float8 acc[kVectors] = {};
       for (int p = 0; p < points; ++p) {
         for (int v = 0; v < kVectors; ++v) {
-          acc[v] += fp.weight[0][p] * load8(image + fp.corner[0][p] + 8 * v) +
-                    fp.weight[1][p] * load8(image + fp.corner[1][p] + 8 * v) +
-                    fp.weight[2][p] * load8(image + fp.corner[2][p] + 8 * v) +
-                    fp.weight[3][p] * load8(image + fp.corner[3][p] + 8 * v);
+          acc[v] += footprints.weight[0][p] * load8(image + footprints.corner[0][p] + 8 * v) +
+                    footprints.weight[1][p] * load8(image + footprints.corner[1][p] + 8 * v) +
+                    footprints.weight[2][p] * load8(image + footprints.corner[2][p] + 8 * v) +
+                    footprints.weight[3][p] * load8(image + footprints.corner[3][p] + 8 * v);
         }
       }
       __builtin_memcpy(output + item * DEPTH, acc, sizeof(acc));
@@ -377,7 +378,7 @@ __attribute__((always_inline)) inline void backward_range(
 #if DCNV3_VECTOR_EXTENSIONS
   constexpr bool kVectorFootprints = std::is_same_v<scalar_t, float> && DEPTH > 0 && DEPTH % 8 == 0;
   const bool vector_footprints = kVectorFootprints && vector_footprints_fit(geo);
-  ItemFootprints fp;
+  ItemFootprints footprints;
 #else
   const bool vector_footprints = false;
 #endif
@@ -402,7 +403,9 @@ __attribute__((always_inline)) inline void backward_range(
       const int64_t row = (pixel * geo.group + g) * points;
 #if DCNV3_VECTOR_EXTENSIONS
       if constexpr (kVectorFootprints) {
-        if (vector_footprints) item_footprints(offset + row * 2, nullptr, points, center_x, center_y, table, geo, fp);
+        if (vector_footprints) {
+          item_footprints(offset + row * 2, nullptr, points, center_x, center_y, table, geo, footprints);
+        }
       }
 #endif
       for (int p = 0; p < points; ++p) {
@@ -416,14 +419,14 @@ __attribute__((always_inline)) inline void backward_range(
 #if DCNV3_VECTOR_EXTENSIONS
         if constexpr (kVectorFootprints) {
           if (vector_footprints) {
-            interior = fp.interior[p];
+            interior = footprints.interior[p];
             if (interior) {
               for (int k = 0; k < 4; ++k) {
-                corners.pointer[k] = image + fp.corner[k][p];
-                corners.weight[k] = fp.weight[k][p];
+                corners.pointer[k] = image + footprints.corner[k][p];
+                corners.weight[k] = footprints.weight[k][p];
               }
-              fx = fp.fx[p];
-              fy = fp.fy[p];
+              fx = footprints.fx[p];
+              fy = footprints.fy[p];
             }
           }
         }
