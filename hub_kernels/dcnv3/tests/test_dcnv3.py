@@ -97,7 +97,6 @@ def test_forward_matches_reference(kernel, device, case):
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 def test_float32_gradients_match_reference(kernel, device, case):
@@ -117,6 +116,7 @@ def test_float32_gradients_match_reference(kernel, device, case):
         torch.testing.assert_close(leaf.grad.double().cpu(), reference.grad, atol=1e-5 * scale, rtol=1e-4)
 
 
+@pytest.mark.kernels_ci
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
 def test_half_precision_accumulates_in_float32(kernel, device, dtype, tolerance):
