@@ -101,6 +101,25 @@ __attribute__((always_inline)) inline Corners<scalar_t, acc_t> interior_corners(
   return corners;
 }
 
+// Points of one item whose footprints are computed eight at a time (kernels up to 5x5).
+constexpr int kMaxVectorPoints = 32;
+
+// Footprints of one item's points: each corner's element offset in the image (clamped into the map) and weight
+// (bilinear weight times the point's mask weight; zero for a corner outside the map), so that every point, at the
+// border or not, takes the same branch-free multiply-adds in the forward; for the backward also the fractional
+// position and whether all four corners lie inside the map.
+struct ItemFootprints {
+  alignas(32) int corner[4][kMaxVectorPoints];
+  alignas(32) float weight[4][kMaxVectorPoints];
+  alignas(32) float fx[kMaxVectorPoints], fy[kMaxVectorPoints];
+  alignas(32) int interior[kMaxVectorPoints];
+};
+
+// Whether `item_footprints` serves this call: element offsets must fit in int.
+inline bool vector_footprints_fit(const Geometry& geo) {
+  return geo.num_points() <= kMaxVectorPoints && geo.height_in * geo.width_in * geo.channels() < (int64_t(1) << 31);
+}
+
 #if defined(__GNUC__)
 // Eight floats as one value: one AVX register in the AVX2 build, two SSE registers otherwise.
 typedef float Float8 __attribute__((vector_size(32)));
@@ -123,28 +142,9 @@ __attribute__((always_inline)) inline void horizontal_sums(Float8 a, Float8 b, F
   for (int k = 0; k < 4; ++k) sums[k] = abcd[k] + abcd[k + 4];
 }
 
-// Points of one item whose footprints are computed eight at a time (kernels up to 5x5).
-constexpr int kMaxVectorPoints = 32;
-
-// Footprints of one item's points: each corner's element offset in the image (clamped into the map) and weight
-// (bilinear weight times the point's mask weight; zero for a corner outside the map), so that every point, at the
-// border or not, takes the same branch-free multiply-adds in the forward; for the backward also the fractional
-// position and whether all four corners lie inside the map.
-struct ItemFootprints {
-  alignas(32) int corner[4][kMaxVectorPoints];
-  alignas(32) float weight[4][kMaxVectorPoints];
-  alignas(32) float fx[kMaxVectorPoints], fy[kMaxVectorPoints];
-  alignas(32) int interior[kMaxVectorPoints];
-};
-
-// Whether `item_footprints` serves this call: element offsets must fit in int.
-inline bool vector_footprints_fit(const Geometry& geo) {
-  return geo.num_points() <= kMaxVectorPoints && geo.height_in * geo.width_in * geo.channels() < (int64_t(1) << 31);
-}
-
 inline void store8(int* pointer, Int8 vector) { __builtin_memcpy(pointer, &vector, sizeof(vector)); }
 
-// Fills `fp` for the item's `points` points (offsets interleaved x, y), eight per step: per-point scalar work
+// Fills `footprints` for the item's `points` points (offsets interleaved x, y), eight per step: per-point scalar work
 // (location, floor, bounds, weights) otherwise costs more than the point's vector multiply-adds. Without
 // `point_mask` the weights are the plain bilinear ones.
 __attribute__((always_inline)) inline void item_footprints(const float* point_offset, const float* point_mask,
@@ -203,6 +203,12 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
 #else
 #define DCNV3_VECTOR_EXTENSIONS 0
 #endif
+
+// Whether this instantiation can take the vectorised footprints (`item_footprints`): float, group width a multiple
+// of 8; `vector_footprints_fit` then decides per call.
+template <typename scalar_t, int DEPTH>
+constexpr bool kVectorFootprints = DCNV3_VECTOR_EXTENSIONS && std::is_same_v<scalar_t, float> && DEPTH > 0 &&
+                                   DEPTH % 8 == 0;
 
 // Dots of the upstream gradient with the four corners' channels.
 template <int DEPTH, typename scalar_t, typename acc_t>
@@ -263,42 +269,28 @@ __attribute__((always_inline)) inline void scatter_interior(const acc_t* __restr
 }
 
 #if DCNV3_VECTOR_EXTENSIONS
-// forward_range for float and a group width that is a multiple of 8: footprints eight points at a time
+// One item of the forward for float and a group width that is a multiple of 8: footprints eight points at a time
 // (`item_footprints`), the group's channels accumulated in registers, eight at a time.
 template <int DEPTH>
-__attribute__((always_inline)) inline void forward_range_vector(const float* __restrict__ value,
-                                                                const float* __restrict__ offset,
-                                                                const float* __restrict__ mask,
-                                                                float* __restrict__ output, const Geometry& geo,
-                                                                const PointTable<float>& table, int64_t begin,
-                                                                int64_t end) {
+__attribute__((always_inline)) inline void forward_item_vector(const float* __restrict__ image,
+                                                               const float* point_offset, const float* point_mask,
+                                                               float* __restrict__ out, float center_x,
+                                                               float center_y, const Geometry& geo,
+                                                               const PointTable<float>& table,
+                                                               ItemFootprints& footprints) {
   constexpr int kVectors = DEPTH / 8;
   const int points = geo.num_points();
-  const int64_t channels = geo.channels();
-  ItemFootprints footprints;
-  for (int64_t pixel = begin; pixel < end; ++pixel) {
-    const int64_t w = pixel % geo.width_out, h = (pixel / geo.width_out) % geo.height_out;
-    const int64_t n = pixel / (geo.width_out * geo.height_out);
-    float center_x, center_y;
-    dcnv3::pixel_center(geo, h, w, center_x, center_y);
-    for (int64_t g = 0; g < geo.group; ++g) {
-      const float* image = value + n * geo.height_in * geo.width_in * channels + g * DEPTH;
-      const int64_t item = pixel * geo.group + g;
-      const float* point_offset = offset + item * points * 2;
-      const float* point_mask = mask + item * points;
-      item_footprints(point_offset, point_mask, points, center_x, center_y, table, geo, footprints);
-      Float8 acc[kVectors] = {};
-      for (int p = 0; p < points; ++p) {
-        for (int v = 0; v < kVectors; ++v) {
-          acc[v] += footprints.weight[0][p] * load8(image + footprints.corner[0][p] + 8 * v) +
-                    footprints.weight[1][p] * load8(image + footprints.corner[1][p] + 8 * v) +
-                    footprints.weight[2][p] * load8(image + footprints.corner[2][p] + 8 * v) +
-                    footprints.weight[3][p] * load8(image + footprints.corner[3][p] + 8 * v);
-        }
-      }
-      __builtin_memcpy(output + item * DEPTH, acc, sizeof(acc));
+  item_footprints(point_offset, point_mask, points, center_x, center_y, table, geo, footprints);
+  Float8 acc[kVectors] = {};
+  for (int p = 0; p < points; ++p) {
+    for (int v = 0; v < kVectors; ++v) {
+      acc[v] += footprints.weight[0][p] * load8(image + footprints.corner[0][p] + 8 * v) +
+                footprints.weight[1][p] * load8(image + footprints.corner[1][p] + 8 * v) +
+                footprints.weight[2][p] * load8(image + footprints.corner[2][p] + 8 * v) +
+                footprints.weight[3][p] * load8(image + footprints.corner[3][p] + 8 * v);
     }
   }
+  __builtin_memcpy(out, acc, sizeof(acc));
 }
 #endif
 
@@ -309,13 +301,6 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
                                                          scalar_t* __restrict__ output, const Geometry& geo,
                                                          const PointTable<at::opmath_type<scalar_t>>& table,
                                                          int64_t begin, int64_t end) {
-#if DCNV3_VECTOR_EXTENSIONS
-  if constexpr (std::is_same_v<scalar_t, float> && DEPTH > 0 && DEPTH % 8 == 0) {
-    if (vector_footprints_fit(geo)) {
-      return forward_range_vector<DEPTH>(value, offset, mask, output, geo, table, begin, end);
-    }
-  }
-#endif
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t depth = ChannelBuffer<acc_t, DEPTH>::size(geo.group_channels);
   const int points = geo.num_points();
@@ -324,6 +309,8 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
   // Samples with x in [0, W - 1) and y in [0, H - 1) have all four neighbours inside the map.
   const acc_t interior_x = static_cast<acc_t>(geo.width_in - 1), interior_y = static_cast<acc_t>(geo.height_in - 1);
   ChannelBuffer<acc_t, DEPTH> acc(depth);
+  const bool vector_footprints = kVectorFootprints<scalar_t, DEPTH> && vector_footprints_fit(geo);
+  [[maybe_unused]] ItemFootprints footprints;
   for (int64_t pixel = begin; pixel < end; ++pixel) {
     const int64_t w = pixel % geo.width_out, h = (pixel / geo.width_out) % geo.height_out;
     const int64_t n = pixel / (geo.width_out * geo.height_out);
@@ -334,6 +321,15 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
       const int64_t item = pixel * geo.group + g;
       const scalar_t* point_offset = offset + item * points * 2;
       const scalar_t* point_mask = mask + item * points;
+#if DCNV3_VECTOR_EXTENSIONS
+      if constexpr (kVectorFootprints<scalar_t, DEPTH>) {
+        if (vector_footprints) {
+          forward_item_vector<DEPTH>(image, point_offset, point_mask, output + item * depth, center_x, center_y,
+                                     geo, table, footprints);
+          continue;
+        }
+      }
+#endif
       for (int64_t c = 0; c < depth; ++c) acc.data[c] = 0;
       for (int p = 0; p < points; ++p) {
         const acc_t x = center_x + table.dx[p] + scale * static_cast<acc_t>(point_offset[2 * p]);
@@ -375,13 +371,8 @@ __attribute__((always_inline)) inline void backward_range(
   const acc_t scale = static_cast<acc_t>(geo.offset_scale);
   const acc_t interior_x = static_cast<acc_t>(geo.width_in - 1), interior_y = static_cast<acc_t>(geo.height_in - 1);
   ChannelBuffer<acc_t, DEPTH> upstream(depth);
-#if DCNV3_VECTOR_EXTENSIONS
-  constexpr bool kVectorFootprints = std::is_same_v<scalar_t, float> && DEPTH > 0 && DEPTH % 8 == 0;
-  const bool vector_footprints = kVectorFootprints && vector_footprints_fit(geo);
-  ItemFootprints footprints;
-#else
-  const bool vector_footprints = false;
-#endif
+  const bool vector_footprints = kVectorFootprints<scalar_t, DEPTH> && vector_footprints_fit(geo);
+  [[maybe_unused]] ItemFootprints footprints;
   const int64_t blocks = (geo.group + group_block - 1) / group_block;
   // task = (image, block of groups): owns grad_value[n, :, :, block]. All groups of a block at each pixel in turn,
   // so that consecutive reads and writes share cache lines.
@@ -402,7 +393,7 @@ __attribute__((always_inline)) inline void backward_range(
       dcnv3::pixel_center(geo, h, w, center_x, center_y);
       const int64_t row = (pixel * geo.group + g) * points;
 #if DCNV3_VECTOR_EXTENSIONS
-      if constexpr (kVectorFootprints) {
+      if constexpr (kVectorFootprints<scalar_t, DEPTH>) {
         if (vector_footprints) {
           item_footprints(offset + row * 2, nullptr, points, center_x, center_y, table, geo, footprints);
         }
@@ -417,7 +408,7 @@ __attribute__((always_inline)) inline void backward_range(
         acc_t fx, fy, sampled_dot, d_x, d_y;
         bool interior;
 #if DCNV3_VECTOR_EXTENSIONS
-        if constexpr (kVectorFootprints) {
+        if constexpr (kVectorFootprints<scalar_t, DEPTH>) {
           if (vector_footprints) {
             interior = footprints.interior[p];
             if (interior) {
