@@ -68,12 +68,17 @@ def check_original_style_op() -> None:
     torch.testing.assert_close(original_style_dcnv3(core, value, offset, mask), core(value, offset, mask))
 
 
-def with_original_style_op(model: torch.nn.Module) -> torch.nn.Module:
-    """Route every DCNv3 core of `model` through the original algorithm (softmax included)."""
+def with_core_forward(model: torch.nn.Module, forward) -> torch.nn.Module:
+    """Route every DCNv3 core of `model` through `forward(core, value, offset, mask)`."""
     for module in model.modules():
         if isinstance(module, DCNv3Core):
-            module.forward = lambda value, offset, mask, core=module: original_style_dcnv3(core, value, offset, mask)
+            module.forward = lambda value, offset, mask, core=module: forward(core, value, offset, mask)
     return model
+
+
+def with_original_style_op(model: torch.nn.Module) -> torch.nn.Module:
+    """Route every DCNv3 core of `model` through the original algorithm (softmax included)."""
+    return with_core_forward(model, original_style_dcnv3)
 
 
 def timed_call_ms(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
@@ -104,10 +109,7 @@ def median_latencies_ms(models: dict[str, torch.nn.Module], batch_size: int, rep
 def without_aggregation(model: torch.nn.Module) -> torch.nn.Module:
     """Make every DCNv3 core return its value input: the rest of InternImage-T at no cost for the deformable
     aggregation, i.e. the time no DCNv3 kernel can go below."""
-    for module in model.modules():
-        if isinstance(module, DCNv3Core):
-            module.forward = lambda value, offset, mask: value
-    return model
+    return with_core_forward(model, lambda core, value, offset, mask: value)
 
 
 def build_models() -> dict[str, torch.nn.Module]:
