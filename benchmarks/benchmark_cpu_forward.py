@@ -8,7 +8,10 @@ original repository's PyTorch operator re-enacted step by step (padding, float32
 same run. "InternImage-T (no DCNv3 op)" skips the deformable aggregation altogether (each core returns its input):
 the floor for any DCNv3 kernel. The models take turns, repeat by repeat.
 
-    .venv/bin/python benchmarks/benchmark_cpu_forward.py [--batch-sizes 1 8] [--repeats 5] [--threads N]
+`--breakdown` then profiles ConvNeXt-T and InternImage-T (CPU kernel) at the largest batch size and prints where
+each forward's time goes (linear layers with their bias, GELU, convolutions, LayerNorm, the DCNv3 op, the rest).
+
+    .venv/bin/python benchmarks/benchmark_cpu_forward.py [--batch-sizes 1 8] [--repeats 5] [--threads N] [--breakdown]
 """
 
 import argparse
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from transformers import ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
 
 import modeling_internimage.modeling_internimage as modeling
@@ -133,11 +137,50 @@ def build_models() -> dict[str, torch.nn.Module]:
     return models
 
 
+# Top-level ATen ops (totals include their children, e.g. the bias copy inside a linear layer's addmm) per category.
+OP_CATEGORIES = {
+    "linear layers": ("aten::linear",),
+    "GELU": ("aten::gelu",),
+    "convolutions": ("aten::conv2d",),
+    "LayerNorm": ("aten::layer_norm",),
+    "DCNv3 op": ("::dcnv3_forward",),
+}
+
+
+def op_breakdown_ms(model: torch.nn.Module, batch_size: int, repeats: int) -> dict[str, float]:
+    """Milliseconds per forward spent in each of `OP_CATEGORIES`, and in everything else, under the profiler."""
+    pixel_values = torch.randn(batch_size, 3, 224, 224)
+    with torch.inference_mode():
+        model(pixel_values)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(repeats):
+                model(pixel_values)
+    events = profiler.key_averages()
+    total_us = sum(event.self_cpu_time_total for event in events)
+    breakdown = {
+        category: sum(event.cpu_time_total for event in events if event.key.endswith(suffixes))
+        for category, suffixes in OP_CATEGORIES.items()
+    }
+    breakdown["everything else"] = total_us - sum(breakdown.values())
+    breakdown["total"] = total_us
+    return {category: time_us / 1000 / repeats for category, time_us in breakdown.items()}
+
+
+def print_breakdown(models: dict[str, torch.nn.Module], batch_size: int, repeats: int) -> None:
+    names = [name for name in ("ConvNeXt-T", "InternImage-T (CPU kernel)") if name in models]
+    breakdowns = {name: op_breakdown_ms(models[name], batch_size, repeats) for name in names}
+    print(f"\nms per forward by op category, batch {batch_size} (under the profiler)")
+    print(f"{'category':<20}" + "".join(f"{name:>28}" for name in names))
+    for category in [*OP_CATEGORIES, "everything else", "total"]:
+        print(f"{category:<20}" + "".join(f"{breakdowns[name][category]:>28.1f}" for name in names))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--breakdown", action="store_true", help="also print time per op category (profiler)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -150,6 +193,8 @@ def main() -> None:
         for name, latency in latencies.items():
             ratio = latency / latencies["ConvNeXt-T"]
             print(f"{name:<28}{batch_size:>6}{latency:>10.1f}{ratio:>15.2f}")
+    if args.breakdown:
+        print_breakdown(models, max(args.batch_sizes), args.repeats)
 
 
 if __name__ == "__main__":
