@@ -23,7 +23,8 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, load_dataset
+from datasets import Dataset, DatasetDict, Features, load_dataset
+from datasets import Image as ImageFeature
 from example_utils import (
     DataArguments,
     ExampleError,

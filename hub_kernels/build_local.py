@@ -8,6 +8,7 @@ through `torch.utils.cpp_extension`, and writes `hub_kernels/<kernel>/build/<var
 `LocalLayerRepository` find it. The variant name follows the installed torch (for example
 `torch213-cxx11-cpu-x86_64-linux`, or `torch214-cxx11-cu130-x86_64-linux` with a CUDA build of torch; no GPU is
 needed to compile). Such builds are for development and tests: Hub releases are built with kernel-builder.
+Needs Python 3.11 or newer (tomllib), like the development environment `scripts/setup_env.sh` makes.
 """
 
 import argparse
