@@ -6,9 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import PROJECT_ROOT, load_fixture_case, run_as_remote_code
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
 
+import modeling_internimage.modeling_internimage as modeling
 from modeling_internimage import (
     InternImageBackbone,
     InternImageConfig,
@@ -116,6 +118,85 @@ def test_half_precision_forward_agrees_with_float32(dtype, tolerance):
     assert half.dtype == dtype
     scale = reference.abs().max()
     assert ((half.float() - reference).abs().max() / scale).item() < tolerance
+
+
+# Where torch has oneDNN the fast path must be live: these tests fail, not skip, if the op's check rejects it.
+requires_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+
+
+def _op_calls(run, op_name: str) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    return sum(event.count for event in profiler.key_averages() if event.key == op_name)
+
+
+@requires_onednn
+def test_cpu_inference_runs_linear_layers_on_onednn_with_plain_results(classifier, pixel_values, monkeypatch):
+    linear_layers = [module for module in classifier.modules() if isinstance(module, modeling.InternImageLinear)]
+    gelus = [module for module in classifier.modules() if isinstance(module, torch.nn.GELU)]
+    mlps = [module for module in classifier.modules() if isinstance(module, modeling.InternImageMLP)]
+    with torch.no_grad():
+        fast = classifier(pixel_values).logits
+        assert _op_calls(lambda: classifier(pixel_values), "mkldnn::_linear_pointwise") == len(linear_layers)
+        # Every GELU but the MLPs' (fused into fc1) runs on its own.
+        assert _op_calls(lambda: classifier(pixel_values), "aten::gelu") == len(gelus) - len(mlps)
+        monkeypatch.setattr(modeling, "runs_on_onednn", lambda *args: False)
+        plain = classifier(pixel_values).logits
+        assert _op_calls(lambda: classifier(pixel_values), "mkldnn::_linear_pointwise") == 0
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_a_onednn_op_that_disagrees_with_aten_is_not_used(classifier, pixel_values, monkeypatch):
+    """The oneDNN op is private to torch: one whose meaning changed must leave the model on ATen, not corrupt it."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, w, b, *post_op: F.linear(x, w, b))
+    modeling.onednn_linear_op.cache_clear()
+    try:
+        assert modeling.onednn_linear_op() is None
+        with torch.no_grad():
+            calls = _op_calls(lambda: classifier(pixel_values), "aten::linear")
+        assert calls == len([module for module in classifier.modules() if isinstance(module, torch.nn.Linear)])
+    finally:
+        modeling.onednn_linear_op.cache_clear()
+
+
+@requires_onednn
+def test_fused_mlp_computes_the_exact_gelu(classifier, monkeypatch):
+    mlp = classifier.internimage.encoder.stages[0].layers[0].mlp
+    hidden_states = 3 * torch.randn(2, 16, 16, mlp.fc1.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = mlp(hidden_states)
+        monkeypatch.setattr(modeling, "runs_on_onednn", lambda *args: False)
+        torch.testing.assert_close(fused, mlp(hidden_states), atol=1e-5, rtol=1e-5)
+
+
+@requires_onednn
+@pytest.mark.parametrize("wanted", ["weights", "pixels"])
+def test_linear_layers_keep_autograd_where_gradients_are_wanted(classifier, pixel_values, wanted):
+    if wanted == "pixels":  # saliency on a frozen model
+        classifier.requires_grad_(False)
+        pixel_values.requires_grad_()
+    calls = _op_calls(lambda: classifier(pixel_values).logits.sum().backward(), "mkldnn::_linear_pointwise")
+    assert calls == 0
+    fc1 = classifier.internimage.encoder.stages[0].layers[0].mlp.fc1
+    gradient = pixel_values.grad if wanted == "pixels" else fc1.weight.grad
+    assert gradient is not None and gradient.abs().sum() > 0
+
+
+@requires_onednn
+def test_hooks_on_the_mlp_still_fire_in_cpu_inference(classifier, pixel_values):
+    fc1 = classifier.internimage.encoder.stages[0].layers[0].mlp.fc1
+    captured = []
+    fc1.register_forward_hook(lambda module, args, output: captured.append((args[0], output)))
+    with torch.no_grad():
+        classifier(pixel_values)
+    ((inputs, output),) = captured
+    torch.testing.assert_close(output, F.linear(inputs, fc1.weight, fc1.bias))  # before the activation
+
+
+@requires_onednn
+def test_cpu_autocast_keeps_the_plain_linear_layers(classifier, pixel_values):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _op_calls(lambda: classifier(pixel_values), "mkldnn::_linear_pointwise") == 0
 
 
 def _fixture_model(name):
