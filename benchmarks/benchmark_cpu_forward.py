@@ -6,10 +6,14 @@ same run. Prints milliseconds and ratios to ConvNeXt-T; not a test (timings depe
 original repository's PyTorch operator re-enacted step by step (padding, float32 reference grids, grid_sample over
 (N*G, H*W, P) grids, mask multiply-sum, Tensor.softmax), so the gain of this package's operator is measured in the
 same run. "InternImage-T (no DCNv3 op)" skips the deformable aggregation altogether (each core returns its input):
-the floor for any DCNv3 kernel. The models take turns, repeat by repeat.
+the floor for any DCNv3 kernel. InternImage runs its linear layers through oneDNN in float32 CPU inference (bias and
+the MLP's GELU fused); "(CPU kernel, ATen linear)" is InternImage-T without that, and "ConvNeXt-T (oneDNN MLP)"
+gives transformers' ConvNeXt-T the same, for a like-for-like reading. The models take turns, repeat by repeat, each
+timed in its steady state.
 
 `--breakdown` then profiles ConvNeXt-T and InternImage-T (CPU kernel) at the largest batch size and prints where
-each forward's time goes (linear layers with their bias, GELU, convolutions, LayerNorm, the DCNv3 op, the rest).
+each forward's time goes (linear layers with their bias and any fused GELU, GELU on its own, convolutions,
+LayerNorm, the DCNv3 op, the rest).
 
     .venv/bin/python benchmarks/benchmark_cpu_forward.py [--batch-sizes 1 8] [--repeats 5] [--threads N] [--breakdown]
 """
@@ -22,8 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from transformers import ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
+from transformers.models.convnext.modeling_convnext import ConvNextLayer
 
 import modeling_internimage.modeling_internimage as modeling
 from modeling_internimage import DCNv3Core, InternImageConfig, InternImageModel, use_hub_kernels, uses_hub_kernel
@@ -85,25 +91,36 @@ def with_original_style_op(model: torch.nn.Module) -> torch.nn.Module:
     return with_core_forward(model, original_style_dcnv3)
 
 
+def with_modeling_overrides(model: torch.nn.Module, **overrides) -> torch.nn.Module:
+    """Have `timed_call_ms` replace these functions of the modeling file while `model` runs."""
+    model.modeling_overrides = overrides
+    return model
+
+
 def timed_call_ms(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
-    original_softmax = modeling.softmax_last_dim
-    if getattr(model, "original_style", False):
-        modeling.softmax_last_dim = lambda logits: logits.softmax(-1)
+    overrides = getattr(model, "modeling_overrides", {})
+    saved = {name: getattr(modeling, name) for name in overrides}
+    for name, function in overrides.items():
+        setattr(modeling, name, function)
     try:
         start = time.perf_counter()
         model(pixel_values)
         return 1000 * (time.perf_counter() - start)
     finally:
-        modeling.softmax_last_dim = original_softmax
+        for name, function in saved.items():
+            setattr(modeling, name, function)
 
 
-def median_latencies_ms(models: dict[str, torch.nn.Module], batch_size: int, repeats: int, warmup: int = 2):
-    """Median latency of each model; the models take turns, so that the machine's drift touches all of them alike."""
+def median_latencies_ms(models: dict[str, torch.nn.Module], batch_size: int, repeats: int, warmup: int = 1):
+    """Median latency of each model in its steady state. The models take turns, so that the machine's drift touches
+    all of them alike; each turn first runs one untimed forward, so that the allocator holds that model's working set
+    (as when one model serves requests) rather than what the previous model left."""
     pixel_values = torch.randn(batch_size, 3, 224, 224)
     times = {name: [] for name in models}
     with torch.inference_mode():
         for round_index in range(warmup + repeats):
             for name, model in models.items():
+                timed_call_ms(model, pixel_values)
                 elapsed = timed_call_ms(model, pixel_values)
                 if round_index >= warmup:
                     times[name].append(elapsed)
@@ -116,21 +133,42 @@ def without_aggregation(model: torch.nn.Module) -> torch.nn.Module:
     return with_core_forward(model, lambda core, value, offset, mask: value)
 
 
+def with_onednn_mlp(convnext: ConvNextModel) -> ConvNextModel:
+    """ConvNeXt-T's MLPs on the oneDNN linear layers InternImage uses on CPU (pwconv1 fused with its exact GELU)."""
+    gelu = nn.GELU()
+    for layer in convnext.modules():
+        if isinstance(layer, ConvNextLayer):
+            layer.pwconv1.forward = lambda x, linear=layer.pwconv1: modeling.onednn_linear(x, linear, gelu)
+            layer.act = nn.Identity()
+            layer.pwconv2.forward = lambda x, linear=layer.pwconv2: modeling.onednn_linear(x, linear)
+    return convnext
+
+
 def build_models() -> dict[str, torch.nn.Module]:
-    convnext = ConvNextModel(ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3]))
+    convnext_config = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
+    convnext = ConvNextModel(convnext_config)
     swin = SwinModel(SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7))
     internimage = InternImageModel(InternImageConfig.from_variant("t")).eval()
-    original = with_original_style_op(InternImageModel(InternImageConfig.from_variant("t")).eval())
-    original.original_style = True
+    original = with_modeling_overrides(
+        with_original_style_op(InternImageModel(InternImageConfig.from_variant("t")).eval()),
+        softmax_last_dim=lambda logits: logits.softmax(-1),
+    )
     models = {"ConvNeXt-T": convnext.eval(), "Swin-T": swin.eval(), "InternImage-T": internimage,
               "InternImage-T (original op)": original}  # fmt: skip
+    if modeling.onednn_linear_op() is not None:
+        models["ConvNeXt-T (oneDNN MLP)"] = with_onednn_mlp(ConvNextModel(convnext_config).eval())
     if KERNEL_BUILD.is_dir():
         from kernels import LocalLayerRepository
 
         with_kernel = InternImageModel(InternImageConfig.from_variant("t")).eval()
         mapping = {"DCNv3": {"cpu": LocalLayerRepository(KERNEL_BUILD, layer_name="DCNv3")}}
+        aten_linear = InternImageModel(InternImageConfig.from_variant("t")).eval()
         if uses_hub_kernel(use_hub_kernels(with_kernel, mapping=mapping)):
             models["InternImage-T (CPU kernel)"] = with_kernel
+        if uses_hub_kernel(use_hub_kernels(aten_linear, mapping=mapping)):
+            models["InternImage-T (CPU kernel, ATen linear)"] = with_modeling_overrides(
+                aten_linear, runs_on_onednn=lambda *args: False
+            )
     models["InternImage-T (no DCNv3 op)"] = without_aggregation(
         InternImageModel(InternImageConfig.from_variant("t")).eval()
     )
@@ -139,7 +177,7 @@ def build_models() -> dict[str, torch.nn.Module]:
 
 # Top-level ATen ops (totals include their children, e.g. the bias copy inside a linear layer's addmm) per category.
 OP_CATEGORIES = {
-    "linear layers": ("aten::linear",),
+    "linear layers": ("aten::linear", "mkldnn::_linear_pointwise"),  # the latter with fused GELU where it is
     "GELU": ("aten::gelu",),
     "convolutions": ("aten::conv2d",),
     "LayerNorm": ("aten::layer_norm",),
@@ -187,12 +225,12 @@ def main() -> None:
     check_original_style_op()
     models = build_models()
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
-    print(f"{'model':<28}{'batch':>6}{'ms':>10}{'x ConvNeXt-T':>15}")
+    print(f"{'model':<40}{'batch':>6}{'ms':>10}{'x ConvNeXt-T':>15}")
     for batch_size in args.batch_sizes:
         latencies = median_latencies_ms(models, batch_size, args.repeats)
         for name, latency in latencies.items():
             ratio = latency / latencies["ConvNeXt-T"]
-            print(f"{name:<28}{batch_size:>6}{latency:>10.1f}{ratio:>15.2f}")
+            print(f"{name:<40}{batch_size:>6}{latency:>10.1f}{ratio:>15.2f}")
     if args.breakdown:
         print_breakdown(models, max(args.batch_sizes), args.repeats)
 
