@@ -160,6 +160,18 @@ def test_a_onednn_op_that_disagrees_with_aten_is_not_used(classifier, pixel_valu
 
 
 @requires_onednn
+def test_the_onednn_check_does_not_follow_the_default_dtype():
+    previous = torch.get_default_dtype()
+    modeling.onednn_linear_op.cache_clear()
+    try:
+        torch.set_default_dtype(torch.float64)  # oneDNN has no float64 linear: a probe in float64 would fail
+        assert modeling.onednn_linear_op() is not None
+    finally:
+        torch.set_default_dtype(previous)
+        modeling.onednn_linear_op.cache_clear()
+
+
+@requires_onednn
 def test_fused_mlp_computes_the_exact_gelu(classifier, monkeypatch):
     mlp = classifier.internimage.encoder.stages[0].layers[0].mlp
     hidden_states = 3 * torch.randn(2, 16, 16, mlp.fc1.in_features, generator=torch.Generator().manual_seed(0))
