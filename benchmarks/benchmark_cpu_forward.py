@@ -144,6 +144,17 @@ def with_onednn_mlp(convnext: ConvNextModel) -> ConvNextModel:
     return convnext
 
 
+def check_onednn_mlp() -> None:
+    """ConvNeXt with the oneDNN MLP must compute what transformers' ConvNeXt computes."""
+    config = ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+    plain = ConvNextModel(config).eval()
+    fused = with_onednn_mlp(ConvNextModel(config).eval())
+    fused.load_state_dict(plain.state_dict())
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(pixel_values).last_hidden_state, plain(pixel_values).last_hidden_state)
+
+
 def build_models() -> dict[str, torch.nn.Module]:
     convnext_config = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
     convnext = ConvNextModel(convnext_config)
@@ -156,6 +167,7 @@ def build_models() -> dict[str, torch.nn.Module]:
     models = {"ConvNeXt-T": convnext.eval(), "Swin-T": swin.eval(), "InternImage-T": internimage,
               "InternImage-T (original op)": original}  # fmt: skip
     if modeling.onednn_linear_op() is not None:
+        check_onednn_mlp()
         models["ConvNeXt-T (oneDNN MLP)"] = with_onednn_mlp(ConvNextModel(convnext_config).eval())
     if KERNEL_BUILD.is_dir():
         from kernels import LocalLayerRepository
