@@ -146,7 +146,8 @@ def with_onednn_mlp(convnext: ConvNextModel) -> ConvNextModel:
 
 def check_onednn_mlp() -> None:
     """ConvNeXt with the oneDNN MLP must compute what transformers' ConvNeXt computes."""
-    config = ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+    # Layer scale 1 instead of ConvNeXt's 1e-6 start, so that the MLPs' output is not scaled out of the comparison.
+    config = ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_scale_init_value=1.0)
     plain = ConvNextModel(config).eval()
     fused = with_onednn_mlp(ConvNextModel(config).eval())
     fused.load_state_dict(plain.state_dict())
