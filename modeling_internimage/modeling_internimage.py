@@ -86,9 +86,13 @@ def onednn_linear_op() -> Callable[..., torch.Tensor] | None:
     return op if agrees else None
 
 
-def _has_forward_hooks(*modules: nn.Module) -> bool:
-    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-    return bool(global_hooks) or any(module._forward_hooks or module._forward_pre_hooks for module in modules)
+def _called_plainly(*modules: nn.Module) -> bool:
+    """No forward hooks and no forward replaced on the instance (accelerate's offload hooks wrap `forward` itself)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not any(
+        module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module) for module in modules
+    )
 
 
 def runs_on_onednn(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
@@ -103,7 +107,7 @@ def runs_on_onednn(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
         return False
     if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32 or hidden_states.numel() == 0:
         return False
-    if linear.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    if linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return False
     if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in linear.parameters())):
         return False
@@ -253,12 +257,12 @@ class InternImageMLP(nn.Module):
 
     def _fuses_fc1_activation(self, hidden_states: torch.Tensor) -> bool:
         """fc1 and the activation as one oneDNN op, unless either module was replaced (adapters, quantisation) or
-        carries hooks, which the fused op would skip."""
+        carries hooks (accelerate's offloading included), which the fused op would skip."""
         return (
             runs_on_onednn(hidden_states, self.fc1)
             and type(self.fc1) is InternImageLinear
             and _onednn_post_op(self.act) is not None
-            and not _has_forward_hooks(self.fc1, self.act)
+            and _called_plainly(self.fc1, self.act)
         )
 
 

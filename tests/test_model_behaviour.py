@@ -206,6 +206,25 @@ def test_hooks_on_the_mlp_still_fire_in_cpu_inference(classifier, pixel_values):
 
 
 @requires_onednn
+def test_accelerate_hooks_on_the_mlp_still_run_in_cpu_inference(classifier, pixel_values):
+    """accelerate's offloading wraps `forward` itself (no torch hook): the fused fc1+GELU must not go around it."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class CountingHook(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    hook = CountingHook()
+    add_hook_to_module(classifier.internimage.encoder.stages[0].layers[0].mlp.fc1, hook)
+    with torch.no_grad():
+        classifier(pixel_values)
+    assert hook.calls == 1
+
+
+@requires_onednn
 def test_cpu_autocast_keeps_the_plain_linear_layers(classifier, pixel_values):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert _op_calls(lambda: classifier(pixel_values), "mkldnn::_linear_pointwise") == 0
