@@ -3,7 +3,6 @@ fallback, argument checks, and the final save-reload check."""
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,11 +148,9 @@ def load_config(model_args: ModelArguments, **kwargs):
     )
 
 
-def prepare_output_dir(training_args: TrainingArguments, output_args: OutputArguments, task: str) -> None:
-    """A fresh directory under outputs/ when none is given; never write into a non-empty one unless asked to
+def prepare_output_dir(training_args: TrainingArguments, output_args: OutputArguments) -> None:
+    """Never write into a non-empty output directory (transformers' default is `trainer_output`) unless asked to
     overwrite or resume."""
-    if training_args.output_dir is None:
-        training_args.output_dir = str(Path("outputs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}")
     output_dir = Path(training_args.output_dir)
     resuming = training_args.resume_from_checkpoint is not None
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_args.overwrite_output_dir or resuming):

@@ -207,7 +207,7 @@ def save_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, names: li
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    prepare_output_dir(training_args, output_args, "image-classification")
+    prepare_output_dir(training_args, output_args)
     log_run_setup(training_args)
     started = time.time()
 

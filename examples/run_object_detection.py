@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     if data_args.image_size % 32:
         raise ExampleError(f"--image_size {data_args.image_size} must be a multiple of 32 (the backbone's stride)")
-    prepare_output_dir(training_args, output_args, "object-detection")
+    prepare_output_dir(training_args, output_args)
     log_run_setup(training_args)
     training_args.eval_do_concat_batches = False  # targets differ in length between images
     started = time.time()
