@@ -1,16 +1,19 @@
-"""What the three Trainer scripts share: model sources, output-directory safety, metrics with an offline
-fallback, argument checks, and the final save-reload check."""
+"""What the three Trainer scripts share: model sources, the backbone under a task head, output-directory safety,
+the Trainer over train/validation splits, metrics with an offline fallback, argument checks, image export, and the
+final save-reload check."""
 
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import AutoConfig, HfArgumentParser, TrainingArguments
+from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging as hf_logging
 
-from modeling_internimage import INTERNIMAGE_VARIANTS, InternImageConfig
+from modeling_internimage import INTERNIMAGE_VARIANTS, InternImageBackbone, InternImageConfig
 
 
 logger = logging.getLogger(__name__)
@@ -148,6 +151,30 @@ def load_config(model_args: ModelArguments, **kwargs):
     )
 
 
+def backbone_config(model_args: ModelArguments, out_features: list[str]) -> InternImageConfig:
+    """The InternImage configuration (preset or pretrained) to put under a detection or segmentation head, returning
+    the stages `out_features`."""
+    config = load_config(model_args)
+    if not isinstance(config, InternImageConfig):
+        raise ExampleError(f"{model_args.model_name_or_path} is a {config.model_type} model, not InternImage or the "
+                           "script's task model on an InternImage backbone")  # fmt: skip
+    return InternImageConfig.from_dict({**config.to_dict(), "out_features": out_features, "out_indices": None})
+
+
+def load_pretrained_backbone(backbone: torch.nn.Module, model_args: ModelArguments, out_features: list[str]) -> None:
+    """Start a new task model's backbone from the pretrained InternImage's weights (presets train from scratch)."""
+    if is_preset(model_args.model_name_or_path):
+        return
+    pretrained = InternImageBackbone.from_pretrained(model_args.model_name_or_path, out_features=out_features,
+                                                     token=model_args.token)  # fmt: skip
+    backbone.load_state_dict(pretrained.state_dict())
+
+
+def check_image_size(size: int) -> None:
+    if size % 32:
+        raise ExampleError(f"--image_size {size} must be a multiple of 32 (the backbone's stride)")
+
+
 def prepare_output_dir(training_args: TrainingArguments, output_args: OutputArguments) -> None:
     """Never write into a non-empty output directory (transformers' default is `trainer_output`) unless asked to
     overwrite or resume."""
@@ -156,6 +183,21 @@ def prepare_output_dir(training_args: TrainingArguments, output_args: OutputArgu
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_args.overwrite_output_dir or resuming):
         raise ExampleError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir or "
                            "--resume_from_checkpoint")  # fmt: skip
+
+
+def make_trainer(model: torch.nn.Module, training_args: TrainingArguments, dataset, transforms, **trainer_kwargs):
+    """Trainer over the dataset's train and validation splits (each only where the run trains or evaluates), with
+    `transforms` = (train, eval) applied on the fly."""
+    train_transform, eval_transform = transforms
+    dataset["train"].set_transform(train_transform)
+    dataset["validation"].set_transform(eval_transform)
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"] if training_args.do_train else None,
+        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        **trainer_kwargs,
+    )
 
 
 def log_run_setup(training_args: TrainingArguments) -> None:
@@ -189,6 +231,12 @@ def enable_hub_kernels(model: torch.nn.Module, model_args: ModelArguments) -> No
         from modeling_internimage import use_hub_kernels
 
         use_hub_kernels(model)
+
+
+def denormalized_image(pixel_values: torch.Tensor) -> np.ndarray:
+    """A normalised (C, H, W) tensor back to an (H, W, 3) uint8 image."""
+    pixels = pixel_values.permute(1, 2, 0).numpy() * np.array(IMAGENET_DEFAULT_STD) + np.array(IMAGENET_DEFAULT_MEAN)
+    return (pixels * 255).clip(0, 255).astype(np.uint8)
 
 
 def check_reload(model: torch.nn.Module, model_class, output_dir: str, inputs: dict, output: str = "logits") -> float:

@@ -34,6 +34,7 @@ from example_utils import (
     load_image_folders,
     load_metric,
     log_run_setup,
+    make_trainer,
     parse_example_arguments,
     prepare_output_dir,
     publish,
@@ -44,7 +45,6 @@ from PIL import Image, ImageDraw
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
-    Trainer,
 )
 
 import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
@@ -214,15 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset, labels = load_data(data_args, training_args.seed)
     model, processor = load_model_and_processor(model_args, labels, data_args.image_size)
     enable_hub_kernels(model, model_args)
-    train_transform, eval_transform = make_transforms(data_args, processor)
-    dataset["train"].set_transform(train_transform)
-    dataset["validation"].set_transform(eval_transform)
-
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset["train"] if training_args.do_train else None,
-        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+    trainer = make_trainer(
+        model, training_args, dataset, make_transforms(data_args, processor),
         processing_class=processor,
         data_collator=lambda examples: collate(examples, data_args.label_column_name),
         compute_metrics=accuracy_function(len(labels)),

@@ -31,15 +31,19 @@ from example_utils import (
     DataArguments,
     ExampleError,
     ModelArguments,
+    backbone_config,
+    check_image_size,
     check_reload,
+    denormalized_image,
     enable_hub_kernels,
     finish_distributed,
     finish_splits,
     is_main_process,
     is_preset,
-    load_config,
     load_image_folders,
+    load_pretrained_backbone,
     log_run_setup,
+    make_trainer,
     parse_example_arguments,
     prepare_output_dir,
     publish,
@@ -52,13 +56,11 @@ from transformers import (
     AutoModelForObjectDetection,
     RTDetrConfig,
     RTDetrForObjectDetection,
-    Trainer,
 )
 from transformers.image_transforms import center_to_corners_format
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
-from modeling_internimage import InternImageBackbone, InternImageConfig
 
 
 logger = logging.getLogger(__name__)
@@ -143,12 +145,10 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, la
                 name, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
                 token=model_args.token,
             )  # fmt: skip
-    backbone_config = load_config(model_args)
-    backbone_config = InternImageConfig.from_dict({**backbone_config.to_dict(), "out_features": BACKBONE_STAGES,
-                                                   "out_indices": None})  # fmt: skip
+    backbone = backbone_config(model_args, BACKBONE_STAGES)
     width = data_args.detector_width
     config = RTDetrConfig(
-        backbone_config=backbone_config, encoder_in_channels=backbone_config.stage_channels[1:],
+        backbone_config=backbone, encoder_in_channels=backbone.stage_channels[1:],
         feat_strides=[8, 16, 32], encoder_hidden_dim=width, d_model=width, decoder_in_channels=[width] * 3,
         encoder_ffn_dim=4 * width, decoder_ffn_dim=4 * width, encoder_attention_heads=max(width // 32, 1),
         decoder_attention_heads=max(width // 32, 1), num_queries=data_args.num_queries,
@@ -156,9 +156,7 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, la
         num_labels=len(labels), id2label=id2label, label2id=label2id, anchor_image_size=None,
     )  # fmt: skip
     model = RTDetrForObjectDetection(config)
-    if not is_preset(name):  # start from the pretrained InternImage's weights
-        pretrained = InternImageBackbone.from_pretrained(name, out_features=BACKBONE_STAGES, token=model_args.token)
-        model.model.backbone.model.load_state_dict(pretrained.state_dict())
+    load_pretrained_backbone(model.model.backbone.model, model_args, BACKBONE_STAGES)
     return model
 
 
@@ -268,9 +266,7 @@ def save_predictions(model, dataset, size: int, names: list[str], path: Path, co
         with torch.no_grad():
             outputs = model(example["pixel_values"][None].to(model.device))
         (found,) = detections(outputs.logits.cpu(), outputs.pred_boxes.cpu(), size, top_k=10)
-        pixels = example["pixel_values"].permute(1, 2, 0).numpy() * np.array(IMAGENET_DEFAULT_STD)
-        tile = Image.fromarray(((pixels + np.array(IMAGENET_DEFAULT_MEAN)) * 255).clip(0, 255).astype(np.uint8))
-        tile = tile.resize((size * 2, size * 2))
+        tile = Image.fromarray(denormalized_image(example["pixel_values"])).resize((size * 2, size * 2))
         draw = ImageDraw.Draw(tile)
         for score, label, box in zip(found["scores"], found["labels"], found["boxes"]):
             if score < 0.35:
@@ -283,8 +279,7 @@ def save_predictions(model, dataset, size: int, names: list[str], path: Path, co
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    if data_args.image_size % 32:
-        raise ExampleError(f"--image_size {data_args.image_size} must be a multiple of 32 (the backbone's stride)")
+    check_image_size(data_args.image_size)
     prepare_output_dir(training_args, output_args)
     log_run_setup(training_args)
     training_args.eval_do_concat_batches = False  # targets differ in length between images
@@ -294,15 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_boxes(dataset, data_args, len(labels))
     model = build_model(model_args, data_args, labels)
     enable_hub_kernels(model, model_args)
-    train_transform, eval_transform = make_transforms(data_args)
-    dataset["train"].set_transform(train_transform)
-    dataset["validation"].set_transform(eval_transform)
-
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset["train"] if training_args.do_train else None,
-        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+    trainer = make_trainer(
+        model, training_args, dataset, make_transforms(data_args),
         data_collator=collate,
         compute_metrics=map_function(data_args.image_size, len(labels)),
         preprocess_logits_for_metrics=logits_and_boxes,

@@ -29,15 +29,19 @@ from example_utils import (
     DataArguments,
     ExampleError,
     ModelArguments,
+    backbone_config,
+    check_image_size,
     check_reload,
+    denormalized_image,
     enable_hub_kernels,
     finish_distributed,
     finish_splits,
     is_main_process,
     is_preset,
-    load_config,
     load_metric,
+    load_pretrained_backbone,
     log_run_setup,
+    make_trainer,
     parse_example_arguments,
     prepare_output_dir,
     publish,
@@ -48,14 +52,12 @@ from PIL import Image
 from transformers import (
     AutoConfig,
     AutoModelForSemanticSegmentation,
-    Trainer,
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
-from modeling_internimage import InternImageBackbone, InternImageConfig
 
 
 logger = logging.getLogger(__name__)
@@ -137,24 +139,17 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, id
                 name, num_labels=len(id2label), id2label=id2label, label2id=label2id,
                 ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, token=model_args.token,
             )  # fmt: skip
-    backbone_config = load_config(model_args, out_features=BACKBONE_STAGES)
-    if not isinstance(backbone_config, InternImageConfig):
-        raise ExampleError(f"{name} is a {backbone_config.model_type} model, not InternImage or UperNet+InternImage")
-    backbone_config = InternImageConfig.from_dict({**backbone_config.to_dict(), "out_features": BACKBONE_STAGES,
-                                                   "out_indices": None})  # fmt: skip
     config = UperNetConfig(
-        backbone_config=backbone_config, num_labels=len(id2label), id2label=id2label, label2id=label2id,
-        hidden_size=data_args.decode_hidden_size, auxiliary_in_channels=None,
+        backbone_config=backbone_config(model_args, BACKBONE_STAGES), num_labels=len(id2label), id2label=id2label,
+        label2id=label2id, hidden_size=data_args.decode_hidden_size, auxiliary_in_channels=None,
         auxiliary_channels=max(data_args.decode_hidden_size // 2, 16), use_auxiliary_head=True,
     )  # fmt: skip
     model = UperNetForSemanticSegmentation(config)
-    if not is_preset(name):  # start from the pretrained InternImage's weights
-        pretrained = InternImageBackbone.from_pretrained(name, out_features=BACKBONE_STAGES, token=model_args.token)
-        model.backbone.load_state_dict(pretrained.state_dict())
+    load_pretrained_backbone(model.backbone, model_args, BACKBONE_STAGES)
     return model
 
 
-def make_transforms(data_args: DataTrainingArguments, num_labels: int):
+def make_transforms(data_args: DataTrainingArguments):
     size = data_args.image_size
     normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     train = A.Compose([A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0)), A.HorizontalFlip(p=0.5), normalize])
@@ -220,8 +215,7 @@ def save_overlays(model, dataset, path: Path, count: int = 6) -> None:
         with torch.no_grad():
             logits = model(example["pixel_values"][None].to(model.device)).logits
         predicted = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        pixels = example["pixel_values"].permute(1, 2, 0).numpy() * np.array(IMAGENET_DEFAULT_STD)
-        pixels = ((pixels + np.array(IMAGENET_DEFAULT_MEAN)) * 255).clip(0, 255).astype(np.uint8)
+        pixels = denormalized_image(example["pixel_values"])
         colours = palette[predicted]
         blend = np.where(predicted[..., None] > 0, (0.45 * pixels + 0.55 * colours), pixels).astype(np.uint8)
         tiles.append(np.concatenate([pixels, blend], axis=0))
@@ -230,8 +224,7 @@ def save_overlays(model, dataset, path: Path, count: int = 6) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    if data_args.image_size % 32:
-        raise ExampleError(f"--image_size {data_args.image_size} must be a multiple of 32 (the backbone's stride)")
+    check_image_size(data_args.image_size)
     prepare_output_dir(training_args, output_args)
     log_run_setup(training_args)
     started = time.time()
@@ -239,15 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset, id2label = load_data(data_args, training_args.seed)
     model = build_model(model_args, data_args, id2label)
     enable_hub_kernels(model, model_args)
-    train_transform, eval_transform = make_transforms(data_args, len(id2label))
-    dataset["train"].set_transform(train_transform)
-    dataset["validation"].set_transform(eval_transform)
-
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset["train"] if training_args.do_train else None,
-        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+    trainer = make_trainer(
+        model, training_args, dataset, make_transforms(data_args),
         data_collator=collate,
         compute_metrics=mean_iou_function(len(id2label)),
         preprocess_logits_for_metrics=predicted_classes,

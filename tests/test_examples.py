@@ -46,6 +46,27 @@ def test_detection_trains_saves_and_reloads(tmp_path):
     assert (tmp_path / "predictions.png").exists()
 
 
+@pytest.mark.parametrize(
+    "script, backbone_of",
+    [(run_semantic_segmentation, lambda model: model.backbone), (run_object_detection, lambda model: model.model.backbone.model)],
+)
+def test_task_models_start_from_the_pretrained_internimage(script, backbone_of, tmp_path):
+    from example_utils import ModelArguments
+
+    from modeling_internimage import InternImageConfig, InternImageModel
+
+    torch.manual_seed(0)
+    pretrained = InternImageModel(InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8]))
+    pretrained.save_pretrained(tmp_path)
+    _, data_args, _, _ = script.parse_arguments([])
+    labels = {0: "a", 1: "b", 2: "c"} if script is run_semantic_segmentation else ["a", "b", "c"]
+    model = script.build_model(ModelArguments(model_name_or_path=str(tmp_path)), data_args, labels)
+    expected, loaded = pretrained.state_dict(), backbone_of(model).state_dict()
+    shared = [key for key in loaded if key in expected]
+    assert len(shared) == len(loaded)
+    assert all(torch.equal(loaded[key], expected[key]) for key in shared)
+
+
 def test_output_directory_is_not_overwritten(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit, match="not empty; pass --overwrite_output_dir"):
