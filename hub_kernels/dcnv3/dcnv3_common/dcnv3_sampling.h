@@ -5,8 +5,13 @@
 //   x = w * stride_w - pad_w + half_w + offset_scale * (ix * dilation_w - half_w + offset_x)
 //   y = h * stride_h - pad_h + half_h + offset_scale * (iy * dilation_h - half_h + offset_y)
 // with half = dilation * (kernel - 1) / 2 and zero outside the map, and weighs it by mask[p].
+//
+// Non-finite numbers propagate as in the PyTorch operator (grid_sample, then mask * sample): a corner outside the
+// map contributes nothing and is never read, a non-finite location gives a NaN sample, and a non-finite mask weight
+// makes the point's contribution NaN even where the sample is zero.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -44,7 +49,19 @@ struct Footprint {
   acc_t fx, fy;
   acc_t weight[4];  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
   bool inside;      // whether any corner lies in the map (-1 < x < width and -1 < y < height)
+  bool finite;      // whether the location is finite; if not, the weights are NaN
 };
+
+template <typename acc_t>
+DCNV3_HOST_DEVICE acc_t quiet_nan() {
+  return static_cast<acc_t>(NAN);
+}
+
+// Whether x is neither infinite nor NaN, without a library call (x - x is NaN for both).
+template <typename acc_t>
+DCNV3_HOST_DEVICE bool is_finite(acc_t x) {
+  return x - x == acc_t(0);
+}
 
 // Displacement of the p-th sampling point from its output pixel's centre, offset excluded, in input pixels:
 // offset_scale * (ix * dilation_w - half_w, iy * dilation_h - half_h).
@@ -64,10 +81,12 @@ DCNV3_HOST_DEVICE void pixel_center(const Geometry& geo, int64_t h, int64_t w, a
   y = static_cast<acc_t>(h * geo.stride_h - geo.pad_h + geo.dilation_h * (geo.kernel_h - 1) / 2);
 }
 
-// Footprint of a sample at (x, y) in input-pixel coordinates, weighted by `mask`.
+// Footprint of a sample at (x, y) in input-pixel coordinates, weighted by `mask`. The weight of a corner outside
+// the map is mask * 0: zero, or NaN for a non-finite mask, as mask * sample is in the PyTorch operator.
 template <typename acc_t>
 DCNV3_HOST_DEVICE Footprint<acc_t> footprint_at(const Geometry& geo, acc_t x, acc_t y, acc_t mask) {
   Footprint<acc_t> fp;
+  fp.finite = is_finite(x) && is_finite(y);
   fp.inside = x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(geo.width_in) &&
               y < static_cast<acc_t>(geo.height_in);
   // floor() by truncation: inside the map x and y exceed -1, and a library call would dominate the CPU loop.
@@ -75,13 +94,13 @@ DCNV3_HOST_DEVICE Footprint<acc_t> footprint_at(const Geometry& geo, acc_t x, ac
   fp.y0 = fp.inside ? static_cast<int64_t>(y) - (y < acc_t(0) ? 1 : 0) : 0;
   fp.fx = fp.inside ? x - static_cast<acc_t>(fp.x0) : acc_t(0);
   fp.fy = fp.inside ? y - static_cast<acc_t>(fp.y0) : acc_t(0);
-  const bool x0_in = fp.x0 >= 0, x1_in = fp.x0 + 1 < geo.width_in;
-  const bool y0_in = fp.y0 >= 0, y1_in = fp.y0 + 1 < geo.height_in;
-  const acc_t m = fp.inside ? mask : acc_t(0);
-  fp.weight[0] = (y0_in && x0_in) ? m * (1 - fp.fy) * (1 - fp.fx) : acc_t(0);
-  fp.weight[1] = (y0_in && x1_in) ? m * (1 - fp.fy) * fp.fx : acc_t(0);
-  fp.weight[2] = (y1_in && x0_in) ? m * fp.fy * (1 - fp.fx) : acc_t(0);
-  fp.weight[3] = (y1_in && x1_in) ? m * fp.fy * fp.fx : acc_t(0);
+  const bool x0_in = fp.inside && fp.x0 >= 0, x1_in = fp.inside && fp.x0 + 1 < geo.width_in;
+  const bool y0_in = fp.inside && fp.y0 >= 0, y1_in = fp.inside && fp.y0 + 1 < geo.height_in;
+  const acc_t m = fp.finite ? mask : quiet_nan<acc_t>();
+  fp.weight[0] = m * ((y0_in && x0_in) ? (1 - fp.fy) * (1 - fp.fx) : acc_t(0));
+  fp.weight[1] = m * ((y0_in && x1_in) ? (1 - fp.fy) * fp.fx : acc_t(0));
+  fp.weight[2] = m * ((y1_in && x0_in) ? fp.fy * (1 - fp.fx) : acc_t(0));
+  fp.weight[3] = m * ((y1_in && x1_in) ? fp.fy * fp.fx : acc_t(0));
   return fp;
 }
 
@@ -96,13 +115,9 @@ DCNV3_HOST_DEVICE Footprint<acc_t> footprint(const Geometry& geo, int64_t h, int
   return footprint_at(geo, x + dx + scale * offset_x, y + dy + scale * offset_y, mask);
 }
 
-// Row (pixel) index in the (N * H_in * W_in) value map of corner k of a footprint, clamped into the map so that a
-// zero-weight corner can still be read without a branch.
+// Row (pixel) index in the (N * H_in * W_in) value map of corner k of a footprint (which must lie inside the map).
 DCNV3_HOST_DEVICE int64_t corner_row(const Geometry& geo, int64_t n, int64_t y0, int64_t x0, int corner) {
-  int64_t y = y0 + (corner >> 1), x = x0 + (corner & 1);
-  y = y < 0 ? 0 : (y >= geo.height_in ? geo.height_in - 1 : y);
-  x = x < 0 ? 0 : (x >= geo.width_in ? geo.width_in - 1 : x);
-  return (n * geo.height_in + y) * geo.width_in + x;
+  return (n * geo.height_in + y0 + (corner >> 1)) * geo.width_in + x0 + (corner & 1);
 }
 
 // Gradient of the sample with respect to its location, from the four corner values (0 outside the map):

@@ -52,14 +52,16 @@ struct Corners {
   acc_t weight[4];
 };
 
-// Corners of a sample near the border: those outside the map have weight 0 and point at a clamped pixel, so the
-// loop over corners needs no branch.
+// Corners of a sample near the border: those outside the map point at `zero_pixel` (zero padding, never a pixel of
+// the map, so a non-finite value there cannot leak in), and the loop over corners needs no branch.
 template <typename scalar_t, typename acc_t>
 inline Corners<scalar_t, acc_t> corners_of(const dcnv3::Footprint<acc_t>& fp, const scalar_t* image,
-                                           const Geometry& geo, int64_t channels) {
+                                           const scalar_t* zero_pixel, const Geometry& geo, int64_t channels) {
   Corners<scalar_t, acc_t> result;
   for (int k = 0; k < 4; ++k) {
-    result.pointer[k] = image + dcnv3::corner_row(geo, 0, fp.y0, fp.x0, k) * channels;
+    result.pointer[k] = dcnv3::corner_inside(geo, fp.y0, fp.x0, k)
+                            ? image + dcnv3::corner_row(geo, 0, fp.y0, fp.x0, k) * channels
+                            : zero_pixel;
     result.weight[k] = fp.weight[k];
   }
   return result;
@@ -104,12 +106,16 @@ __attribute__((always_inline)) inline Corners<scalar_t, acc_t> interior_corners(
 // Points of one item whose footprints are computed eight at a time (kernels up to 5x5).
 constexpr int kMaxVectorPoints = 32;
 
-// Footprints of one item's points: each corner's element offset in the image (clamped into the map) and weight
-// (bilinear weight times the point's mask weight; zero for a corner outside the map), so that every point, at the
-// border or not, takes the same branch-free multiply-adds in the forward; for the backward also the fractional
-// position and whether all four corners lie inside the map.
+// Footprints of one item's points: each corner's element offset in the image (clamped into the map), whether it lies
+// inside the map (all bits set, else zero: the forward masks the loaded values with it, so a corner outside reads as
+// zero padding whatever the clamped pixel holds) and weight (bilinear weight times the point's mask weight; mask * 0
+// for a corner outside the map; NaN for a non-finite location), so that every point, at the border or not, takes
+// the same branch-free multiply-adds in the forward; for the backward also the fractional position and whether all
+// four corners lie inside the map.
 struct ItemFootprints {
   alignas(32) int corner[4][kMaxVectorPoints];
+  alignas(32) int corner_bits[4][kMaxVectorPoints];
+  alignas(32) int corners_inside[kMaxVectorPoints];
   alignas(32) float weight[4][kMaxVectorPoints];
   alignas(32) float fx[kMaxVectorPoints], fy[kMaxVectorPoints];
   alignas(32) int interior[kMaxVectorPoints];
@@ -152,7 +158,7 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
                                                            const PointTable<float>& table, const Geometry& geo,
                                                            ItemFootprints& footprints) {
   const Int8 even = {0, 2, 4, 6, 8, 10, 12, 14}, odd = {1, 3, 5, 7, 9, 11, 13, 15};
-  const Float8 zero = {}, one = zero + 1.0f, minus_one = zero - 1.0f;
+  const Float8 zero = {}, one = zero + 1.0f, minus_one = zero - 1.0f, nan = zero + dcnv3::quiet_nan<float>();
   const Int8 zero_index = {};
   const float scale = geo.offset_scale, width_f = geo.width_in, height_f = geo.height_in;
   const float last_x = width_f - 1, last_y = height_f - 1;
@@ -172,8 +178,9 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     const Float8 low = load8(offset_source), high = load8(offset_source + 8);
     Float8 x = center_x + load8(table.dx.data() + first) + scale * __builtin_shuffle(low, high, even);
     Float8 y = center_y + load8(table.dy.data() + first) + scale * __builtin_shuffle(low, high, odd);
-    // Points with no corner in the map (and NaN locations) get zero weights; their location is reset to keep the
-    // integer conversion defined.
+    // Points with no corner in the map get weights mask * 0, non-finite locations NaN weights; the location of both
+    // is reset to keep the integer conversion defined.
+    const Int8 finite = (x - x == zero) & (y - y == zero);
     const Int8 inside = (x > minus_one) & (y > minus_one) & (x < width_f) & (y < height_f);
     store8(footprints.interior + first, (x >= zero) & (y >= zero) & (x < last_x) & (y < last_y));
     x = inside ? x : zero;
@@ -183,9 +190,8 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     const Int8 x0_in = x0 >= 0, x1_in = x0 + 1 < width, y0_in = (y0 >= 0) & inside, y1_in = (y0 + 1 < height) & inside;
     store8(footprints.fx + first, fx);
     store8(footprints.fy + first, fy);
-    const Float8 mask = point_mask ? load8(mask_source) : one;
-    const Float8 lower_mask = mask * fy;
-    const Float8 upper = y0_in ? mask - lower_mask : zero, lower = y1_in ? lower_mask : zero;
+    const Float8 mask = finite ? (point_mask ? load8(mask_source) : one) : nan;
+    const Float8 upper = mask * (y0_in ? one - fy : zero), lower = mask * (y1_in ? fy : zero);
     const Float8 left = x0_in ? one - fx : zero, right = x1_in ? fx : zero;
     const Int8 column0 = x0_in ? x0 : zero_index, column1 = x1_in ? x0 + 1 : column0;
     const Int8 row0 = (y0_in ? y0 : zero_index) * width, row1 = y1_in ? (y0 + 1) * width : row0;
@@ -193,6 +199,11 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     store8(footprints.corner[1] + first, (row0 + column1) * channels);
     store8(footprints.corner[2] + first, (row1 + column0) * channels);
     store8(footprints.corner[3] + first, (row1 + column1) * channels);
+    store8(footprints.corners_inside + first, y0_in & y1_in & x0_in & x1_in);
+    store8(footprints.corner_bits[0] + first, y0_in & x0_in);
+    store8(footprints.corner_bits[1] + first, y0_in & x1_in);
+    store8(footprints.corner_bits[2] + first, y1_in & x0_in);
+    store8(footprints.corner_bits[3] + first, y1_in & x1_in);
     store8(footprints.weight[0] + first, upper * left);
     store8(footprints.weight[1] + first, upper * right);
     store8(footprints.weight[2] + first, lower * left);
@@ -235,19 +246,15 @@ __attribute__((always_inline)) inline void corner_dots(const acc_t* __restrict__
 }
 
 // Gradient sums of one sampling point over its group's channels, from the corner dots d_k of the upstream gradient
-// with the corner values (zero outside the map, `inside[k]`): the sample's dot (-> mask gradient) and the dots with
-// the sample's derivatives along x and y (-> offset gradient).
-template <bool MASKED_CORNERS, int DEPTH, typename scalar_t, typename acc_t>
+// with the corner values (zero padding outside the map): the sample's dot (-> mask gradient) and the dots with the
+// sample's derivatives along x and y (-> offset gradient).
+template <int DEPTH, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void point_gradient_sums(const acc_t* __restrict__ upstream,
-                                                               const Corners<scalar_t, acc_t>& corners,
-                                                               const acc_t inside[4], acc_t fx, acc_t fy,
-                                                               int64_t depth, acc_t& sample_dot, acc_t& x_dot,
-                                                               acc_t& y_dot) {
+                                                               const Corners<scalar_t, acc_t>& corners, acc_t fx,
+                                                               acc_t fy, int64_t depth, acc_t& sample_dot,
+                                                               acc_t& x_dot, acc_t& y_dot) {
   acc_t d[4];
   corner_dots<DEPTH>(upstream, corners, depth, d);
-  if constexpr (MASKED_CORNERS) {
-    for (int k = 0; k < 4; ++k) d[k] *= inside[k];
-  }
   sample_dot = corners.weight[0] * d[0] + corners.weight[1] * d[1] + corners.weight[2] * d[2] +
                corners.weight[3] * d[3];
   dcnv3::location_gradient(fx, fy, d[0], d[1], d[2], d[3], x_dot, y_dot);
@@ -283,11 +290,21 @@ __attribute__((always_inline)) inline void forward_item_vector(const float* __re
   item_footprints(point_offset, point_mask, points, center_x, center_y, table, geo, footprints);
   Float8 acc[kVectors] = {};
   for (int p = 0; p < points; ++p) {
-    for (int v = 0; v < kVectors; ++v) {
-      acc[v] += footprints.weight[0][p] * load8(image + footprints.corner[0][p] + 8 * v) +
-                footprints.weight[1][p] * load8(image + footprints.corner[1][p] + 8 * v) +
-                footprints.weight[2][p] * load8(image + footprints.corner[2][p] + 8 * v) +
-                footprints.weight[3][p] * load8(image + footprints.corner[3][p] + 8 * v);
+    const int* bits = &footprints.corner_bits[0][p];
+    if (footprints.corners_inside[p]) {  // the common case: plain loads
+      for (int v = 0; v < kVectors; ++v) {
+        acc[v] += footprints.weight[0][p] * load8(image + footprints.corner[0][p] + 8 * v) +
+                  footprints.weight[1][p] * load8(image + footprints.corner[1][p] + 8 * v) +
+                  footprints.weight[2][p] * load8(image + footprints.corner[2][p] + 8 * v) +
+                  footprints.weight[3][p] * load8(image + footprints.corner[3][p] + 8 * v);
+      }
+      continue;
+    }
+    for (int v = 0; v < kVectors; ++v) {  // corners outside the map read as zero padding
+      for (int k = 0; k < 4; ++k) {
+        const Int8 loaded = (Int8)load8(image + footprints.corner[k][p] + 8 * v) & bits[k * kMaxVectorPoints];
+        acc[v] += footprints.weight[k][p] * (Float8)loaded;
+      }
     }
   }
   __builtin_memcpy(out, acc, sizeof(acc));
@@ -309,6 +326,7 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
   // Samples with x in [0, W - 1) and y in [0, H - 1) have all four neighbours inside the map.
   const acc_t interior_x = static_cast<acc_t>(geo.width_in - 1), interior_y = static_cast<acc_t>(geo.height_in - 1);
   ChannelBuffer<acc_t, DEPTH> acc(depth);
+  const std::vector<scalar_t> zero_pixel(depth, scalar_t(0));
   const bool vector_footprints = kVectorFootprints<scalar_t, DEPTH> && vector_footprints_fit(geo);
   [[maybe_unused]] ItemFootprints footprints;
   for (int64_t pixel = begin; pixel < end; ++pixel) {
@@ -342,8 +360,11 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
           for (int k = 0; k < 4; ++k) corners.weight[k] *= m;
         } else {
           const auto fp = dcnv3::footprint_at<acc_t>(geo, x, y, m);
-          if (!fp.inside) continue;
-          corners = corners_of(fp, image, geo, channels);
+          if (!fp.inside) {  // zero, or NaN for a non-finite location or mask weight
+            for (int64_t c = 0; c < depth; ++c) acc.data[c] += fp.weight[0];
+            continue;
+          }
+          corners = corners_of(fp, image, zero_pixel.data(), geo, channels);
         }
         for (int64_t c = 0; c < depth; ++c) {
           acc.data[c] += corners.weight[0] * static_cast<acc_t>(corners.pointer[0][c]) +
@@ -371,6 +392,7 @@ __attribute__((always_inline)) inline void backward_range(
   const acc_t scale = static_cast<acc_t>(geo.offset_scale);
   const acc_t interior_x = static_cast<acc_t>(geo.width_in - 1), interior_y = static_cast<acc_t>(geo.height_in - 1);
   ChannelBuffer<acc_t, DEPTH> upstream(depth);
+  const std::vector<scalar_t> zero_pixel(depth, scalar_t(0));
   const bool vector_footprints = kVectorFootprints<scalar_t, DEPTH> && vector_footprints_fit(geo);
   [[maybe_unused]] ItemFootprints footprints;
   const int64_t blocks = (geo.group + group_block - 1) / group_block;
@@ -426,31 +448,30 @@ __attribute__((always_inline)) inline void backward_range(
           interior = x >= acc_t(0) && y >= acc_t(0) && x < interior_x && y < interior_y;
           if (interior) corners = interior_corners(x, y, image, geo, channels, fx, fy);
         }
-        acc_t inside[4] = {1, 1, 1, 1};
         if (interior) {
-          point_gradient_sums<false, DEPTH>(upstream.data, corners, inside, fx, fy, depth, sampled_dot, d_x, d_y);
+          const acc_t scatter_scale[4] = {m * corners.weight[0], m * corners.weight[1], m * corners.weight[2],
+                                          m * corners.weight[3]};
+          point_gradient_sums<DEPTH>(upstream.data, corners, fx, fy, depth, sampled_dot, d_x, d_y);
+          grad_t* corner_grad[4];
+          for (int k = 0; k < 4; ++k) corner_grad[k] = image_grad + (corners.pointer[k] - image);
+          scatter_interior(upstream.data, corner_grad[0], corner_grad[1], corner_grad[2], corner_grad[3],
+                           scatter_scale, depth);
         } else {
           // Unmasked bilinear weights: the mask scales the value gradient and the location gradient.
           const auto fp = dcnv3::footprint_at<acc_t>(geo, x, y, acc_t(1));
-          if (!fp.inside) {
-            grad_mask[row + p] = grad_offset[(row + p) * 2] = grad_offset[(row + p) * 2 + 1] = scalar_t(0);
+          if (!fp.inside) {  // zero; NaN for a non-finite location; the offset's also for a non-finite mask
+            const acc_t offset_grad = scale * m * fp.weight[0];
+            grad_mask[row + p] = static_cast<scalar_t>(fp.weight[0]);
+            grad_offset[(row + p) * 2] = grad_offset[(row + p) * 2 + 1] = static_cast<scalar_t>(offset_grad);
             continue;
           }
-          corners = corners_of(fp, image, geo, channels);
-          for (int k = 0; k < 4; ++k) inside[k] = dcnv3::corner_inside(geo, fp.y0, fp.x0, k) ? 1 : 0;
-          point_gradient_sums<true, DEPTH>(upstream.data, corners, inside, fp.fx, fp.fy, depth, sampled_dot, d_x, d_y);
-        }
-        const acc_t scatter_scale[4] = {m * corners.weight[0], m * corners.weight[1], m * corners.weight[2],
-                                        m * corners.weight[3]};
-        grad_t* corner_grad[4];
-        for (int k = 0; k < 4; ++k) corner_grad[k] = image_grad + (corners.pointer[k] - image);
-        if (interior) {
-          scatter_interior(upstream.data, corner_grad[0], corner_grad[1], corner_grad[2], corner_grad[3],
-                           scatter_scale, depth);
-        } else {  // clamped corners may share an address: one corner at a time, outside ones skipped
-          for (int k = 0; k < 4; ++k) {
-            if (inside[k] == acc_t(0)) continue;
-            for (int64_t c = 0; c < depth; ++c) corner_grad[k][c] += scatter_scale[k] * upstream.data[c];
+          corners = corners_of(fp, image, zero_pixel.data(), geo, channels);
+          point_gradient_sums<DEPTH>(upstream.data, corners, fp.fx, fp.fy, depth, sampled_dot, d_x, d_y);
+          for (int k = 0; k < 4; ++k) {  // one corner at a time: outside ones have no gradient to receive
+            if (!dcnv3::corner_inside(geo, fp.y0, fp.x0, k)) continue;
+            grad_t* corner_grad = image_grad + dcnv3::corner_row(geo, 0, fp.y0, fp.x0, k) * channels;
+            const acc_t corner_scale = m * fp.weight[k];
+            for (int64_t c = 0; c < depth; ++c) corner_grad[c] += corner_scale * upstream.data[c];
           }
         }
         grad_mask[row + p] = static_cast<scalar_t>(sampled_dot);

@@ -28,14 +28,18 @@ using dcnv3::Geometry;
 constexpr int kMaxThreads = 256;
 constexpr int kMaxItemsPerBlock = 64;
 
-// One sampling point as the team needs it: the top-left corner, the fractional position, the mask weight, and
-// which of the four corners lie inside the map (bit k for corner k). coord_t is the accumulation type.
+// One sampling point as the team needs it: the top-left corner, the fractional position, the mask weight (NaN for a
+// non-finite location), which of the four corners lie inside the map (bit k for corner k) and whether the location
+// is not finite (kNonFiniteLocation). coord_t is the accumulation type.
 template <typename coord_t>
 struct PointSample {
   int x0, y0;
   coord_t fx, fy, mask;
   int inside_corners;
 };
+
+constexpr int kAllCornersInside = 15;
+constexpr int kNonFiniteLocation = 16;
 
 struct Launch {
   int team;             // lanes per item (power of two, <= 32)
@@ -81,8 +85,8 @@ __device__ void stage_points(const scalar_t* __restrict__ offset, const scalar_t
     sample.y0 = static_cast<int>(fp.y0);
     sample.fx = fp.fx;
     sample.fy = fp.fy;
-    sample.mask = static_cast<coord_t>(mask[row]);
-    sample.inside_corners = 0;
+    sample.mask = fp.finite ? static_cast<coord_t>(mask[row]) : dcnv3::quiet_nan<coord_t>();
+    sample.inside_corners = fp.finite ? 0 : kNonFiniteLocation;
     if (fp.inside) {
       for (int k = 0; k < 4; ++k) {
         if (dcnv3::corner_inside(geo, fp.y0, fp.x0, k)) sample.inside_corners |= 1 << k;
@@ -151,6 +155,11 @@ __global__ void __launch_bounds__(kMaxThreads)
           const acc_t w = s.mask * weight[k];
 #pragma unroll
           for (int v = 0; v < VEC; ++v) acc[v] += w * static_cast<acc_t>(pack.value[v]);
+        }
+        if (s.inside_corners != kAllCornersInside) {  // zero padding: mask * 0, NaN for a non-finite mask
+          const acc_t padding = s.mask * acc_t(0);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[v] += padding;
         }
       }
       Pack<scalar_t, VEC> result;
@@ -253,7 +262,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (active && lane == 0) {
         const int64_t row = item * points + p;
         const acc_t scale = static_cast<acc_t>(geo.offset_scale) * s.mask;
-        grad_mask[row] = static_cast<scalar_t>(sample_dot);
+        // A non-finite location samples NaN; a non-finite mask weight alone leaves the sample finite.
+        const bool nan_sample = s.inside_corners & kNonFiniteLocation;
+        grad_mask[row] = static_cast<scalar_t>(nan_sample ? dcnv3::quiet_nan<acc_t>() : sample_dot);
         grad_offset[row * 2] = static_cast<scalar_t>(scale * x_dot);
         grad_offset[row * 2 + 1] = static_cast<scalar_t>(scale * y_dot);
       }

@@ -149,6 +149,47 @@ def test_opcheck(kernel, device):
     torch.library.opcheck(kernel.ops.dcnv3_backward, (*inputs, upstream, *args))
 
 
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group, depth", [(2, 16), (1, 64), (2, 5)])
+def test_non_finite_value_reaches_only_the_outputs_whose_footprint_covers_it(kernel, device, group, depth):
+    """Zero padding is never read: an Inf in the first pixel makes exactly the outputs non-finite that a 1 there
+    changes (random offsets put no point exactly on an integer position, where a corner has weight 0)."""
+    args = settings(group, depth)
+    _, offset, mask = random_inputs(2, 7, 7, group, depth, 9, device)
+    probe = torch.zeros(2, 7, 7, group * depth, device=device)
+    probe[0, 0, 0] = 1.0
+    covered = kernel.dcnv3(probe, offset, mask, *args) != 0
+    assert covered.any() and not covered.all()
+    probe[0, 0, 0] = float("inf")
+    assert torch.equal(~kernel.dcnv3(probe, offset, mask, *args).isfinite(), covered)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group, depth", [(2, 16), (2, 5)])
+@pytest.mark.parametrize("where", ["offset", "mask"])
+def test_non_finite_offset_or_weight_gives_nan_there(kernel, device, group, depth, where):
+    """A NaN offset, or a NaN weight of a point outside the map, makes that pixel's group NaN, with NaN offset
+    gradients for the point (as `mask * grid_sample(...)` does); nothing else changes."""
+    args = settings(group, depth)
+    value, offset, mask = random_inputs(2, 7, 7, group, depth, 9, device)
+    offset[1, 3, 4, 18 + 2 * 5] = -50.0  # group 1, point 5: far outside the map
+    if where == "offset":
+        offset[1, 3, 4, 18 + 2 * 5 + 1] = float("nan")
+    else:
+        mask[1, 3, 4, 9 + 5] = float("nan")
+    leaves = [tensor.clone().requires_grad_() for tensor in (value, offset, mask)]
+    output = kernel.dcnv3(*leaves, *args)
+    output.sum().backward()
+    expected = torch.zeros_like(output, dtype=torch.bool)
+    expected[1, 3, 4, depth : 2 * depth] = True
+    assert torch.equal(~output.isfinite(), expected)
+    bad_offsets = ~leaves[1].grad.isfinite()
+    assert bad_offsets[1, 3, 4, 28:30].all() and bad_offsets.sum() == 2
+    assert leaves[0].grad.isfinite().all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(kernel, device):
     args = settings(2, 8)
