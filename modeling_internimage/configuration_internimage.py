@@ -3,10 +3,18 @@
 # Licensed under the MIT License.
 """InternImage model configuration."""
 
+import difflib
+import math
+import types
+import typing
 from typing import Any
 
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 # The seven released ImageNet classifiers (InternImage paper, Table 1; OpenGVLab training configs). Group width is
@@ -60,6 +68,8 @@ REMOTE_CODE_AUTO_MAP = {
 
 def normalize_variant_name(name: str) -> str:
     """Map `"t"`, `"T"`, `"internimage-t"`, `"internimage_t"` to the key of `INTERNIMAGE_VARIANTS`."""
+    if not isinstance(name, str):
+        raise ValueError(f"The InternImage variant must be a name such as 't' or 'internimage-b'; got {name!r}.")
     key = name.lower().removeprefix("internimage").lstrip("-_")
     if key not in INTERNIMAGE_VARIANTS:
         raise ValueError(f"Unknown InternImage variant {name!r}; choose one of {', '.join(INTERNIMAGE_VARIANTS)}.")
@@ -138,10 +148,17 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
         num_classes = kwargs.pop("num_classes", None)
         if num_classes is not None and self.id2label is None and "num_labels" not in kwargs:
             kwargs["num_labels"] = num_classes
+        num_labels = kwargs.get("num_labels")
+        if num_labels is not None and (not _is_int(num_labels) or num_labels < 0):
+            raise ValueError(f"`num_labels` (or `num_classes`) must be an integer >= 0; got {num_labels!r}.")
         if "auto_map" in kwargs:
+            if not isinstance(kwargs["auto_map"], dict):
+                raise ValueError(f"`auto_map` must map Auto class names to classes; got {kwargs['auto_map']!r}.")
             # OpenGVLab's auto_map also names a class our files do not define; save_pretrained writes ours.
             known = set(REMOTE_CODE_AUTO_MAP.values())
             kwargs["auto_map"] = {k: v for k, v in kwargs["auto_map"].items() if v in known}
+        self._check_field_types()
+        _warn_about_near_misses(kwargs)
         self.depths = list(self.depths)
         self.groups = list(self.groups)
         if self.level2_post_norm_block_ids is not None:
@@ -176,8 +193,30 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
         """Channels of each entry of `hidden_states`: the stem and the stages."""
         return [self.channels, *self.stage_channels]
 
+    def _check_field_types(self) -> None:
+        """Raise a ValueError naming the first architecture field whose value has the wrong type (e.g. `"16"` or
+        `16.0` for `channels`), read from code or from a config.json alike. Integers pass for float fields."""
+        for name, annotation in _architecture_fields().items():
+            value = getattr(self, name)
+            if not _matches(value, annotation):
+                raise ValueError(f"`{name}` must be of type {_describe(annotation)}; got {value!r}.")
+
     def validate_architecture(self) -> None:
         """Raise a ValueError naming the first field whose value cannot build a model."""
+        for name in ("num_channels", "channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {getattr(self, name)}.")
+        for name in ("mlp_ratio", "offset_scale", "cls_scale", "layer_norm_eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0; got {value}.")
+        for name in ("drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must lie in [0, 1); got {getattr(self, name)}.")
+        if not (math.isfinite(self.initializer_range) and self.initializer_range >= 0):
+            raise ValueError(f"`initializer_range` must be a finite number >= 0; got {self.initializer_range}.")
+        if self.layer_scale is not None and not math.isfinite(self.layer_scale):
+            raise ValueError(f"`layer_scale` must be a finite number or None; got {self.layer_scale}.")
         if len(self.depths) != len(self.groups):
             raise ValueError(
                 f"`depths` ({len(self.depths)} entries) and `groups` ({len(self.groups)} entries) must have the "
@@ -218,6 +257,48 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 "`res_post_norm` cannot be combined with `post_norm` or `layer_scale`: the original silently ignores "
                 "it then. Set `res_post_norm=False`."
+            )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether `value` fits a field annotation of this config (scalars, optionals, lists/tuples of scalars)."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, option) for option in arguments)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(item, arguments[0]) for item in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is int:
+        return _is_int(value)
+    if annotation is float:
+        return _is_int(value) or isinstance(value, float)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _architecture_fields() -> dict[str, Any]:
+    """The annotated fields InternImageConfig adds to PreTrainedConfig (out_features/indices excepted)."""
+    return {name: kind for name, kind in InternImageConfig.__annotations__.items() if not name.startswith("_")}
+
+
+def _warn_about_near_misses(unknown: dict[str, Any]) -> None:
+    """transformers keeps unknown config keys as attributes; one that looks like a misspelled field would silently
+    leave the field at its default, so it gets a warning."""
+    fields = list(_architecture_fields())
+    for key in unknown:
+        nearest = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        if nearest and key not in fields:
+            logger.warning(
+                f"InternImageConfig got the unknown argument `{key}`; did you mean `{nearest[0]}`? It is kept as an "
+                "attribute but does not change the architecture."
             )
 
 

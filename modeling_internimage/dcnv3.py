@@ -109,14 +109,14 @@ def dcnv3_core_pytorch(
     length_out = height_out * width_out
     # Points before pixels: grid_sample then vectorises over the long pixel axis, and the weighted sum over points
     # runs over contiguous rows instead of a reduction along a last dimension of 8 or 9.
-    offset = offset.to(compute_dtype).view(batch, length_out, group, num_points, 2).permute(0, 2, 3, 1, 4)
+    offset = offset.to(compute_dtype).reshape(batch, length_out, group, num_points, 2).permute(0, 2, 3, 1, 4)
     grid = torch.addcmul(base, offset, offset_to_grid).reshape(batch * group, num_points, length_out, 2)
 
-    value = value.to(compute_dtype).view(batch, height_in, width_in, group, group_channels)
+    value = value.to(compute_dtype).reshape(batch, height_in, width_in, group, group_channels)
     value = value.permute(0, 3, 4, 1, 2).reshape(batch * group, group_channels, height_in, width_in)
     sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    mask = mask.to(compute_dtype).view(batch, length_out, group, num_points).permute(0, 2, 3, 1)
+    mask = mask.to(compute_dtype).reshape(batch, length_out, group, num_points).permute(0, 2, 3, 1)
     mask = mask.reshape(batch * group, 1, num_points, length_out)
     point_samples, point_weights = sampled.unbind(2), mask.unbind(2)
     output = point_samples[0] * point_weights[0]
@@ -130,6 +130,13 @@ def check_dcnv3_inputs(
     value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, core: "DCNv3Core"
 ) -> None:
     """Raise a ValueError naming the first inconsistency between the tensors and the operator's settings."""
+    for name in ("kernel_size", "stride", "dilation", "group", "group_channels"):
+        if getattr(core, name) < 1:
+            raise ValueError(f"DCNv3 `{name}` must be a positive integer; got {getattr(core, name)}.")
+    if core.pad < 0:
+        raise ValueError(f"DCNv3 `pad` must not be negative; got {core.pad}.")
+    if core.remove_center and core.kernel_size % 2 == 0:
+        raise ValueError(f"DCNv3 `remove_center` needs an odd kernel size; got {core.kernel_size}.")
     if value.dim() != 4 or offset.dim() != 4 or mask.dim() != 4:
         raise ValueError(
             "DCNv3 expects channels-last 4-D tensors (N, H, W, C); got value, offset and mask with "
@@ -143,6 +150,11 @@ def check_dcnv3_inputs(
         )
     height_out = (value.shape[1] + 2 * core.pad - (core.dilation * (core.kernel_size - 1) + 1)) // core.stride + 1
     width_out = (value.shape[2] + 2 * core.pad - (core.dilation * (core.kernel_size - 1) + 1)) // core.stride + 1
+    if value.shape[1] < 1 or value.shape[2] < 1 or height_out < 1 or width_out < 1:
+        raise ValueError(
+            f"DCNv3 value map of {value.shape[1]}x{value.shape[2]} pixels is empty or smaller than the kernel's reach "
+            f"({core.dilation * (core.kernel_size - 1) + 1} pixels with padding {core.pad})."
+        )
     num_points = core.kernel_size**2 - int(core.remove_center)
     expected_offset = (value.shape[0], height_out, width_out, core.group * num_points * 2)
     expected_mask = expected_offset[:3] + (core.group * num_points,)

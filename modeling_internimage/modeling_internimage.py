@@ -392,6 +392,12 @@ class InternImageConvPooler(nn.Module):
         self.act = ACT_LAYERS[config.act_layer]()
 
     def forward(self, stage_outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        batch, _, height, width = stage_outputs[-1].shape
+        if self.training and batch * height * width == 1:
+            raise ValueError(
+                "The classification head's BatchNorm cannot train on one value per channel: a batch of 1 image whose "
+                "last stage is 1x1 (inputs of 32 pixels or fewer a side). Train with batches of 2 or more, or larger images."
+            )
         return self.act(self.norm(self.conv(stage_outputs[-1]))).mean(dim=(2, 3))
 
 
@@ -462,6 +468,8 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: InternImageCon
             f"{config.num_channels} (config.num_channels). Channels-last images must be permuted to NCHW."
         )
     height, width = pixel_values.shape[-2:]
+    if height < 1 or width < 1:
+        raise ValueError(f"pixel_values is {height}x{width}: images need at least one pixel in each dimension.")
     if height % side_multiple or width % side_multiple:
         raise ValueError(
             f"pixel_values is {height}x{width}, but this model's attention-pooling head (use_clip_projector, as in "
@@ -685,6 +693,8 @@ class InternImageForImageClassification(InternImagePreTrainedModel):
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                labels = torch.as_tensor(labels, device=logits.device)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
 
         if not return_dict:
