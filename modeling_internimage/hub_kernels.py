@@ -28,20 +28,59 @@ from .dcnv3 import DCNv3Core
 
 logger = logging.getLogger(__name__)
 
-# The hub repo publishing the kernel (hub_kernels/dcnv3 built with kernel-builder); override with the environment.
-DCNV3_KERNEL_REPO_ID = os.environ.get("INTERNIMAGE_DCNV3_KERNEL_REPO", "internimage-hf/dcnv3")
+# The hub repo publishing the kernel (hub_kernels/dcnv3 built with kernel-builder), pinned to its major version 1.
+# It is the only repo whose code is trusted by default: another one, named by argument or by the environment
+# variable INTERNIMAGE_DCNV3_KERNEL_REPO, runs only with `trust_remote_code=True` or with
+# INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1. A commit can be pinned with `revision` or
+# INTERNIMAGE_DCNV3_KERNEL_REVISION (instead of the version).
+DCNV3_KERNEL_REPO_ID = "internimage-hf/dcnv3"
 DCNV3_KERNEL_VERSION = 1
 DCNV3_LAYER_NAME = "DCNv3"
 KERNEL_DEVICES = ("cuda", "cpu")
+MODES_BY_NAME = {"inference": Mode.INFERENCE, "training": Mode.TRAINING, "torch_compile": Mode.TORCH_COMPILE}
 
 
-def dcnv3_kernel_mapping(repo_id: str | None = None, version: int = DCNV3_KERNEL_VERSION) -> dict:
-    """kernels mapping of the `DCNv3` layer to the hub repo, for CUDA and CPU. The repo is not a kernels-community
-    one, so loading it trusts its code explicitly."""
+def dcnv3_kernel_mapping(
+    repo_id: str | None = None,
+    version: int | None = None,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool | None = None,
+) -> dict:
+    """kernels mapping of the `DCNv3` layer to a hub repo, for CUDA and CPU.
+
+    Without arguments: the package's own repo at version 1, whose code is trusted. A repo given here or through
+    INTERNIMAGE_DCNV3_KERNEL_REPO is trusted only with `trust_remote_code=True` (or
+    INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1); otherwise kernels refuses to load it.
+    """
+    repo_id = repo_id or os.environ.get("INTERNIMAGE_DCNV3_KERNEL_REPO") or DCNV3_KERNEL_REPO_ID
+    revision = revision or os.environ.get("INTERNIMAGE_DCNV3_KERNEL_REVISION") or None
+    if trust_remote_code is None:
+        trust_remote_code = os.environ.get("INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE", "").lower() in ("1", "true")
     repository = LayerRepository(
-        repo_id or DCNV3_KERNEL_REPO_ID, layer_name=DCNV3_LAYER_NAME, version=version, trust_remote_code=True
+        repo_id,
+        layer_name=DCNV3_LAYER_NAME,
+        revision=revision,
+        version=None if revision else (version or DCNV3_KERNEL_VERSION),
+        trust_remote_code=True if trust_remote_code else [DCNV3_KERNEL_REPO_ID],
     )
     return {DCNV3_LAYER_NAME: {device: repository for device in KERNEL_DEVICES}}
+
+
+def _as_mode(mode: Mode | str) -> Mode:
+    """A kernels `Mode`, also from its name ("inference", "training", "inference|torch_compile")."""
+    if isinstance(mode, Mode):
+        return mode
+    if isinstance(mode, str):
+        names = [name.strip().lower() for name in mode.split("|")]
+        if names and all(name in MODES_BY_NAME for name in names):
+            combined = MODES_BY_NAME[names[0]]
+            for name in names[1:]:
+                combined = combined | MODES_BY_NAME[name]
+            return combined
+    raise ValueError(
+        f"mode must be a kernels.Mode or one of {', '.join(MODES_BY_NAME)} (combined with '|'); got {mode!r}."
+    )
 
 
 def _model_device(model: torch.nn.Module) -> str:
@@ -60,7 +99,7 @@ def use_hub_kernels(
     *,
     enabled: bool = True,
     mapping: dict | None = None,
-    mode: Mode | None = None,
+    mode: Mode | str | None = None,
     strict: bool = False,
 ) -> torch.nn.Module:
     """Run the model's DCNv3 with the hub kernel for its device, in place; returns the model.
@@ -68,13 +107,13 @@ def use_hub_kernels(
     Call it again after moving the model to another device, or after `train()` / `eval()` when the kernel should
     follow the mode (training needs the kernel's backward). `mapping` replaces the production mapping (e.g. a
     `LocalLayerRepository` of a local build). With `strict=True` a kernel that cannot be loaded raises instead of
-    falling back.
+    falling back. `mode` is a kernels `Mode` or its name ("inference", "training", "inference|torch_compile").
     """
     if not enabled:
         _restore_pytorch_forward(model)
         return model
+    mode = _as_mode(mode) if mode is not None else (Mode.TRAINING if model.training else Mode.INFERENCE)
     mapping = mapping if mapping is not None else dcnv3_kernel_mapping()
-    mode = mode if mode is not None else (Mode.TRAINING if model.training else Mode.INFERENCE)
     device = _model_device(model)
     if not any(_covers(key, device) for key in mapping.get(DCNV3_LAYER_NAME, {})):
         message = f"no DCNv3 hub kernel for device '{device}'"

@@ -136,3 +136,26 @@ def fixtures_dir() -> Path:
     if not FIXTURES.exists():
         pytest.fail(f"Reference fixtures not found at {FIXTURES}; the repository expects ../shared beside it.")
     return FIXTURES
+
+
+sys.path.insert(0, str(PROJECT_ROOT / "hub_kernels"))
+import build_local  # noqa: E402
+
+
+KERNEL_DIR = PROJECT_ROOT / "hub_kernels" / "dcnv3"
+
+
+@pytest.fixture(scope="session")
+def kernel_build() -> Path:
+    """The CPU variant of the kernel for the installed torch, built now unless already there."""
+    variant = KERNEL_DIR / "build" / build_local.variant_name("cpu")
+    if not (variant / "metadata.json").exists():
+        build_local.build_variant("dcnv3", "cpu", [])
+    return KERNEL_DIR / "build"
+
+
+@pytest.fixture(scope="session")
+def kernel(kernel_build):
+    from kernels import get_local_kernel
+
+    return get_local_kernel(kernel_build)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT, load_fixture_case
-from kernels import LocalLayerRepository, Mode, get_local_kernel, use_kernel_mapping
+from conftest import KERNEL_DIR, build_local, load_fixture_case
+from kernels import LocalLayerRepository, Mode, use_kernel_mapping
 from safetensors import safe_open
 from test_reference_fixtures import OP_PARAMS, relative_error
 
@@ -23,27 +23,6 @@ from modeling_internimage import (
     use_hub_kernels,
     uses_hub_kernel,
 )
-
-
-sys.path.insert(0, str(PROJECT_ROOT / "hub_kernels"))
-import build_local  # noqa: E402
-
-
-KERNEL_DIR = PROJECT_ROOT / "hub_kernels" / "dcnv3"
-
-
-@pytest.fixture(scope="session")
-def kernel_build() -> Path:
-    """The CPU variant of the kernel for the installed torch, built now unless already there."""
-    variant = KERNEL_DIR / "build" / build_local.variant_name("cpu")
-    if not (variant / "metadata.json").exists():
-        build_local.build_variant("dcnv3", "cpu", [])
-    return KERNEL_DIR / "build"
-
-
-@pytest.fixture(scope="session")
-def kernel(kernel_build):
-    return get_local_kernel(kernel_build)
 
 
 def local_mapping(build: Path) -> dict:
@@ -153,26 +132,43 @@ PRODUCTION_SCRIPT = textwrap.dedent(
 )
 
 
-def run_production_mapping(tmp_path: Path, cache: Path) -> subprocess.CompletedProcess:
-    """`use_hub_kernels(model)` with the production LayerRepository(version=1), offline, against `cache`."""
+def run_production_mapping(tmp_path: Path, cache: Path, trusted: bool = True) -> subprocess.CompletedProcess:
+    """`use_hub_kernels(model)` with the production LayerRepository(version=1), offline, against `cache`, the repo
+    overridden to test-org/dcnv3 (whose code runs only with the explicit opt-in, `trusted`)."""
     (tmp_path / "production.py").write_text(PRODUCTION_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "KERNELS_CACHE": str(cache),
            "INTERNIMAGE_DCNV3_KERNEL_REPO": "test-org/dcnv3"}  # fmt: skip
+    env.pop("INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE", None)
+    if trusted:
+        env["INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE"] = "1"
     return subprocess.run([sys.executable, str(tmp_path / "production.py")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
-def test_production_repository_loads_from_offline_hub_cache(kernel_build, tmp_path):
-    repo = tmp_path / "cache" / "kernels--test-org--dcnv3"
+def cached_kernel_repo(kernel_build: Path, cache: Path) -> None:
+    """test-org/dcnv3 at version 1 in an offline Hub cache, holding the local build."""
+    repo = cache / "kernels--test-org--dcnv3"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "v1").write_text(commit)
     shutil.copytree(kernel_build, repo / "snapshots" / commit / "build", ignore=shutil.ignore_patterns(".*"))
+
+
+def test_production_repository_loads_from_offline_hub_cache(kernel_build, tmp_path):
+    cached_kernel_repo(kernel_build, tmp_path / "cache")
     result = run_production_mapping(tmp_path, tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     swapped, difference = result.stdout.split()[-2:]
     assert swapped == "swapped=True"
     assert float(difference.split("=")[1]) <= 1e-5
+
+
+def test_overridden_repository_runs_no_code_without_the_opt_in(kernel_build, tmp_path):
+    cached_kernel_repo(kernel_build, tmp_path / "cache")
+    result = run_production_mapping(tmp_path, tmp_path / "cache", trusted=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "swapped=False difference=0.00e+00" in result.stdout
+    assert "trust" in result.stderr.lower(), result.stderr[-2000:]
 
 
 def test_missing_kernel_falls_back_with_one_warning_and_no_network(tmp_path):
