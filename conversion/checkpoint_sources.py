@@ -5,6 +5,7 @@ what kind of network it holds (a classifier or a detection/segmentation backbone
 description travels with it.
 """
 
+import difflib
 import json
 import zipfile
 from collections import OrderedDict
@@ -27,6 +28,15 @@ class ConversionError(Exception):
 # no code of yacs (or of the file) runs, and yacs need not be installed.
 CHECKPOINT_ALLOWED_GLOBALS = [(OrderedDict, "yacs.config.CfgNode")]
 DOWNSTREAM_BACKBONE_PREFIX = "backbone."
+
+# Keyword arguments of the original `InternImage.__init__`. The original swallows any other key in `**kwargs`; here
+# one is an error, since a misspelled key (`offset_scal`) would otherwise silently build another architecture.
+ORIGINAL_CONSTRUCTOR_KWARGS = frozenset({
+    "core_op", "channels", "depths", "groups", "num_classes", "mlp_ratio", "drop_rate", "drop_path_rate",
+    "drop_path_type", "act_layer", "norm_layer", "layer_scale", "offset_scale", "post_norm", "cls_scale", "with_cp",
+    "dw_kernel_size", "use_clip_projector", "level2_post_norm", "level2_post_norm_block_ids", "res_post_norm",
+    "center_feature_scale", "remove_center",
+})  # fmt: skip
 
 
 @dataclass
@@ -60,14 +70,34 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path} is not a readable safetensors file ({error})") from None
 
 
+def _check_zip_members(path: Path) -> None:
+    """torch.save writes a zip archive whose members carry CRC-32 checksums: bytes changed inside the tensor data
+    (a bad disk, an interrupted copy) are found here instead of becoming wrong weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupted = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error})") from None
+    if corrupted is not None:
+        raise ConversionError(f"{path} is corrupted: member {corrupted} fails its CRC-32 check")
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """torch's line naming the refused global (e.g. `Trying to load unsupported GLOBAL posix.system ...`), else
+    its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(error).__name__)
+
+
 def _load_pickled_checkpoint(path: Path) -> Any:
     if not zipfile.is_zipfile(path):
         raise ConversionError(f"{path} is not a PyTorch checkpoint (not a torch.save zip archive, or truncated)")
+    _check_zip_members(path)
     try:
         with torch.serialization.safe_globals(CHECKPOINT_ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except torch.serialization.pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0]
+        reason = _unpickling_reason(error)
         raise ConversionError(
             f"{path} holds objects other than tensors and the training config, refused for safety ({reason})"
         ) from None
@@ -88,7 +118,7 @@ def _from_training_checkpoint(checkpoint: Any, path: Path) -> CheckpointSource:
     else:
         state_dict = checkpoint
     state_dict = _tensors_only(state_dict, path)
-    architecture, image_size = _architecture_from_training_config(checkpoint.get("config"))
+    architecture, image_size = _architecture_from_training_config(checkpoint.get("config"), f"{path} config")
     return CheckpointSource(state_dict=state_dict, architecture=architecture, image_size=image_size)
 
 
@@ -128,19 +158,47 @@ def _load_hub_directory(path: Path) -> CheckpointSource:
     return CheckpointSource(state_dict=state_dict, architecture=config)
 
 
-def _architecture_from_training_config(config: Any) -> tuple[dict[str, Any] | None, int | None]:
+def _section(config: dict, key: str, where: str) -> dict:
+    section = config.get(key) or {}
+    if not isinstance(section, dict):
+        raise ConversionError(f"{where}: {key} must be a mapping, got {section!r}")
+    return section
+
+
+def _number(value: Any, field: str, kind: type, where: str) -> Any:
+    """`value` as an int or float; a bool, a string or a float with a fraction where an int belongs is an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ConversionError(f"{where}: {field} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
+def _architecture_from_training_config(config: Any, where: str) -> tuple[dict[str, Any] | None, int | None]:
     """Constructor kwargs and image size from the original yacs training config (as carried in checkpoints or
     written in the repository's `configs/*.yaml`)."""
     if not isinstance(config, dict):
         return None, None
-    model = config.get("MODEL") or {}
-    architecture = {key.lower(): _yaml_scalar(value) for key, value in (model.get("INTERN_IMAGE") or {}).items()}
+    model = _section(config, "MODEL", where)
+    architecture = {
+        key.lower(): _yaml_scalar(value) for key, value in _section(model, "INTERN_IMAGE", f"{where} MODEL").items()
+    }
+    check_constructor_keys(architecture, f"{where} MODEL.INTERN_IMAGE")
     if "NUM_CLASSES" in model:
-        architecture["num_classes"] = int(model["NUM_CLASSES"])
+        architecture["num_classes"] = _number(model["NUM_CLASSES"], "MODEL.NUM_CLASSES", int, where)
     if "DROP_PATH_RATE" in model:
-        architecture["drop_path_rate"] = float(model["DROP_PATH_RATE"])
-    image_size = (config.get("DATA") or {}).get("IMG_SIZE")
-    return architecture, int(image_size) if image_size else None
+        architecture["drop_path_rate"] = _number(model["DROP_PATH_RATE"], "MODEL.DROP_PATH_RATE", float, where)
+    image_size = _section(config, "DATA", where).get("IMG_SIZE")
+    return architecture, _number(image_size, "DATA.IMG_SIZE", int, where) if image_size is not None else None
+
+
+def check_constructor_keys(architecture: dict[str, Any], where: str) -> None:
+    """Refuse keys the original constructor does not take, naming the nearest known one."""
+    unknown = sorted(key for key in architecture if key not in ORIGINAL_CONSTRUCTOR_KWARGS)
+    if unknown:
+        hints = []
+        for key in unknown:
+            nearest = difflib.get_close_matches(key, ORIGINAL_CONSTRUCTOR_KWARGS, n=1)
+            hints.append(f"{key} (did you mean {nearest[0]}?)" if nearest else key)
+        raise ConversionError(f"{where}: unknown architecture keys {', '.join(hints)}")
 
 
 def _yaml_scalar(value: Any) -> Any:
@@ -162,9 +220,15 @@ def load_architecture_file(path: str | Path) -> tuple[dict[str, Any], int | None
     try:
         if path.suffix == ".json":
             description = json.loads(path.read_text())
-            return description.get("original_constructor_kwargs", description), None
-        architecture, image_size = _architecture_from_training_config(yaml.safe_load(path.read_text()))
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
+            if not isinstance(description, dict):
+                raise ConversionError(f"architecture file {path} must hold a JSON object of constructor arguments")
+            architecture = description.get("original_constructor_kwargs", description)
+            if not isinstance(architecture, dict):
+                raise ConversionError(f"architecture file {path}: original_constructor_kwargs must be an object")
+            check_constructor_keys(architecture, str(path))
+            return architecture, None
+        architecture, image_size = _architecture_from_training_config(yaml.safe_load(path.read_text()), str(path))
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConversionError(f"architecture file {path} does not parse: {str(error).splitlines()[0]}") from None
     if not architecture:
         raise ConversionError(f"{path} has no MODEL.INTERN_IMAGE section")

@@ -14,9 +14,7 @@ DIR, reloaded and compared with the converted model, and only then renamed into 
 import argparse
 import json
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +26,10 @@ from checkpoint_sources import (
     load_architecture_file,
     load_source,
 )
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from model_card import render_model_card
+from output_directory import check_output_target, remove_leftovers, write_atomically
 from PIL import Image
 from transformers import AutoModelForImageClassification
 from transformers.utils import logging
@@ -45,7 +45,7 @@ from modeling_internimage import (
 from modeling_internimage.configuration_internimage import normalize_variant_name
 
 
-# The released files (reference doc section 4.1) -> (variant, evaluation resolution).
+# The released classification files -> (variant, evaluation resolution).
 RELEASED_CHECKPOINTS = {
     "internimage_t_1k_224.pth": ("t", 224),
     "internimage_s_1k_224.pth": ("s", 224),
@@ -62,6 +62,8 @@ RELEASED_CHECKPOINTS = {
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BACKBONE_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 VERIFY_SIZE = 224
+VERIFY_TOLERANCE = 1e-4
+SMALLEST_IMAGE_SIZE = 32  # one pixel at the last stage's stride
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -102,19 +104,64 @@ def detect_variant(config: InternImageConfig) -> str | None:
     return None
 
 
-def read_labels(path: Path, num_labels: int) -> dict[int, str]:
+def read_labels(path: Path) -> dict[int, str]:
+    """Class names from a text file (one per line) or an id2label JSON object with ids 0 .. n-1."""
     if not path.is_file():
         raise ConversionError(f"label file {path} does not exist")
-    if path.suffix == ".json":
-        labels = {int(idx): name for idx, name in json.loads(path.read_text()).items()}
-    else:
-        labels = dict(enumerate(line.strip() for line in path.read_text().splitlines() if line.strip()))
-    if sorted(labels) != list(range(num_labels)):
-        raise ConversionError(f"label file {path} names {len(labels)} classes, the checkpoint's head has {num_labels}")
+    try:
+        text = path.read_text()
+        if path.suffix != ".json":
+            labels = dict(enumerate(line.strip() for line in text.splitlines() if line.strip()))
+        else:
+            mapping = json.loads(text)
+            if not isinstance(mapping, dict) or not all(isinstance(name, str) for name in mapping.values()):
+                raise ValueError("expected a JSON object mapping class ids to names")
+            labels = {int(idx): name for idx, name in mapping.items()}
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ConversionError(f"label file {path} does not parse: {str(error).splitlines()[0]}") from None
+    if not labels or sorted(labels) != list(range(len(labels))):
+        raise ConversionError(f"label file {path} must name classes 0 to n-1 without gaps; it has ids {sorted(labels)[:10]}")
     return labels
 
 
-def build_config(source: CheckpointSource, args: argparse.Namespace) -> tuple[InternImageConfig, str | None, int]:
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Every flag checked before anything is read, written or removed."""
+    if args.image_size is not None and args.image_size < SMALLEST_IMAGE_SIZE:
+        raise ConversionError(f"--image-size {args.image_size} must be at least {SMALLEST_IMAGE_SIZE} pixels")
+    try:
+        shard_bytes = parse_size(args.max_shard_size)
+    except ValueError:
+        shard_bytes = 0
+    if shard_bytes <= 0:
+        raise ConversionError(f"--max-shard-size {args.max_shard_size!r} is not a size such as 2GB or 500MB")
+    if args.push_to_hub is not None:
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as error:
+            raise ConversionError(f"--push-to-hub {args.push_to_hub!r} is not a valid repo id: {error}") from None
+        if hub_is_offline():
+            raise ConversionError("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
+    if args.variant:
+        _variant_key(args.variant)
+
+
+def hub_is_offline() -> bool:
+    return constants.HF_HUB_OFFLINE
+
+
+def parse_size(size: str) -> int:
+    """Bytes of a size such as `2GB`, `500MB`, `5MiB` or a plain number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
+    if not match:
+        raise ValueError(size)
+    unit = match[2] or "B"
+    base = 1024 if "I" in unit else 1000
+    return int(float(match[1]) * base ** "BKMGT".index(unit[0]))
+
+
+def build_config(
+    source: CheckpointSource, args: argparse.Namespace, labels: dict[int, str] | None
+) -> tuple[InternImageConfig, str | None, int]:
     """The architecture from the flags, else from what the source carries; label count from the head."""
     image_size = None
     if args.variant:
@@ -140,11 +187,12 @@ def build_config(source: CheckpointSource, args: argparse.Namespace) -> tuple[In
     except (TypeError, ValueError) as error:
         raise ConversionError(f"invalid architecture: {error}") from None
     if not source.is_backbone:
-        config.id2label = (
-            read_labels(args.label_file, config.num_labels)
-            if args.label_file
-            else {idx: str(idx) for idx in range(config.num_labels)}
-        )
+        config.id2label = labels or {idx: str(idx) for idx in range(config.num_labels)}
+        if len(config.id2label) != config.num_labels:
+            raise ConversionError(
+                f"label file {args.label_file} names {len(config.id2label)} classes, the checkpoint's head has "
+                f"{config.num_labels}"
+            )
         config.label2id = {name: idx for idx, name in config.id2label.items()}
     variant = _variant_key(args.variant) if args.variant else detect_variant(config)
     image_size = args.image_size or image_size or INTERNIMAGE_EVAL_RESOLUTION.get(variant, 224)
@@ -168,10 +216,24 @@ def convert_weights(source: CheckpointSource, config: InternImageConfig, dry_run
         converted = model.convert_original_state_dict(source.state_dict)
     except ValueError as error:
         raise ConversionError(str(error)) from None
+    check_weight_values(converted, model.state_dict())
     if not dry_run:
         converted = {name: tensor.contiguous() for name, tensor in converted.items()}
         model.load_state_dict(converted, strict=True, assign=True)
     return model.eval()
+
+
+def check_weight_values(converted: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Floating-point weights must arrive as finite floating-point tensors."""
+    for name, tensor in converted.items():
+        if not expected[name].is_floating_point():
+            continue
+        if not tensor.is_floating_point():
+            raise ConversionError(f"weight {name} is stored as {tensor.dtype}; the model needs floating point")
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            count = finite.numel() - int(finite.sum())
+            raise ConversionError(f"weight {name} holds {count} NaN or infinite values of {tensor.numel()}")
 
 
 def fixed_test_image(size: int = 320) -> Image.Image:
@@ -200,7 +262,7 @@ def verify_reload(model: torch.nn.Module, directory: Path) -> float:
     pixel_values = torch.randn(1, 3, VERIFY_SIZE, VERIFY_SIZE, generator=torch.Generator().manual_seed(0))
     expected, actual = model_outputs(model, pixel_values), model_outputs(reloaded.eval(), pixel_values)
     difference = max((a.float() - e.float()).abs().max().item() for a, e in zip(actual, expected))
-    if difference > 1e-4:
+    if not difference <= VERIFY_TOLERANCE:  # NaN fails too
         raise ConversionError(f"the reloaded model's outputs differ from the converted model's by {difference:.2e}")
     return difference
 
@@ -213,32 +275,15 @@ def top5(model: InternImageForImageClassification, image_size: int) -> list[tupl
     return [(model.config.id2label[idx], score) for idx, score in zip(indices.tolist(), scores.tolist())]
 
 
-def write_atomically(target: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Run `write` into a temporary directory beside `target`, then rename it into place; a failure removes it."""
-    if target.exists() and not overwrite:
-        raise ConversionError(f"{target} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
-        write(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            target.rename(retired / target.name)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: Callable[[str], None] = print) -> None:
-    if output_dir.exists() and not args.overwrite and not args.dry_run:
-        raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it")
+    if not args.dry_run:
+        if output_dir.exists() and not args.overwrite:
+            raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it")
+        inputs = {"checkpoint": checkpoint, "--original-config": args.original_config, "--label-file": args.label_file}
+        check_output_target(output_dir, inputs)
+    labels = read_labels(args.label_file) if args.label_file else None
     source = load_source(resolve_checkpoint(str(checkpoint)))
-    config, variant, image_size = build_config(source, args)
+    config, variant, image_size = build_config(source, args, labels)
     model = convert_weights(source, config, args.dry_run)
     kind = "backbone" if source.is_backbone else f"classifier with {config.num_labels} classes"
     log(f"{checkpoint}: InternImage-{(variant or 'custom').upper()} {kind}, all {len(source.state_dict)} keys mapped")
@@ -248,6 +293,7 @@ def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: C
         log("dry run: nothing written")
         return
     model.to(STORAGE_DTYPES[args.dtype])
+    predictions = None if source.is_backbone else top5(model, image_size)
 
     def write(directory: Path) -> None:
         model.save_pretrained(directory, max_shard_size=args.max_shard_size)
@@ -259,9 +305,10 @@ def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: C
         (directory / "README.md").write_text(card)
         log(f"reloaded the written directory: outputs agree (max difference {verify_reload(model, directory):.1e})")
 
+    remove_leftovers(output_dir, log)
     write_atomically(output_dir, args.overwrite, write)
-    if not source.is_backbone:
-        log("top-5 on the fixed test image: " + ", ".join(f"{name} {score:.3f}" for name, score in top5(model, image_size)))
+    if predictions:
+        log("top-5 on the fixed test image: " + ", ".join(f"{name} {score:.3f}" for name, score in predictions))
     log(f"wrote {output_dir}")
     if args.push_to_hub:
         push_to_hub(output_dir, args.push_to_hub, log)
@@ -270,9 +317,13 @@ def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: C
 def push_to_hub(directory: Path, repo_id: str, log: Callable[[str], None]) -> None:
     """Create the repo if needed and upload the directory as one commit."""
     api = HfApi()
-    repo_id = api.create_repo(repo_id, repo_type="model", exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type="model",
-                      commit_message="Add InternImage checkpoint converted with internimage-hf")  # fmt: skip
+    try:
+        repo_id = api.create_repo(repo_id, repo_type="model", exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type="model",
+                          commit_message="Add InternImage checkpoint converted with internimage-hf")  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - network, auth and permission failures: one line each
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConversionError(f"{directory} was written, but pushing it to {repo_id} failed: {reason}") from None
     log(f"pushed {directory} to {repo_id}")
 
 
@@ -280,7 +331,7 @@ def convert_batch(args: argparse.Namespace) -> int:
     """Convert every released checkpoint present in `args.batch_dir` into `args.output_dir/<file stem>`."""
     if not args.batch_dir.is_dir():
         raise ConversionError(f"batch directory {args.batch_dir} does not exist")
-    failures = 0
+    converted, failures = [], []
     for file_name, (variant, image_size) in RELEASED_CHECKPOINTS.items():
         checkpoint = args.batch_dir / file_name
         if not checkpoint.exists():
@@ -290,10 +341,20 @@ def convert_batch(args: argparse.Namespace) -> int:
                                     "push_to_hub": None})  # fmt: skip
         try:
             convert(one, checkpoint, args.output_dir / checkpoint.stem)
-        except ConversionError as error:
-            failures += 1
-            print(f"error: {file_name}: {error}", file=sys.stderr)
-    return 1 if failures else 0
+            converted.append(file_name)
+        except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
+            failures.append(file_name)
+            print(f"error: {file_name}: {one_line(error)}", file=sys.stderr)
+    print(f"batch: {len(converted)} converted, {len(failures)} failed" + (f" ({', '.join(failures)})" if failures else ""))
+    return 2 if failures else 0
+
+
+def one_line(error: Exception) -> str:
+    """The message of a ConversionError, or the type and first line of any other error."""
+    if isinstance(error, ConversionError):
+        return str(error)
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,12 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity_error()  # transformers' load reports would bury the conversion's own report
     logging.disable_progress_bar()
     try:
+        validate_arguments(args)
         if args.batch_dir:
             return convert_batch(args)
         convert(args, Path(args.checkpoint), args.output_dir)
         return 0
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - every failure ends as one line and exit status 2
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     finally:
         logging.set_verbosity(verbosity)
