@@ -2,13 +2,17 @@
 the Trainer over train/validation splits, metrics with an offline fallback, argument checks, image export, and the
 final save-reload check."""
 
+import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from PIL import Image
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging as hf_logging
@@ -75,7 +79,56 @@ def parse_example_arguments(data_class, argv: list[str], demo_defaults: list[str
     arguments = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity_warning()
+    model_args, data_args, _, training_args = arguments
+    check_model_source(model_args.model_name_or_path)
+    for flag in ("max_train_samples", "max_eval_samples"):
+        if getattr(data_args, flag) is not None and getattr(data_args, flag) < 1:
+            raise ExampleError(f"--{flag} {getattr(data_args, flag)} must be at least 1")
+    if training_args.remove_unused_columns:
+        # The transforms run on the fly (set_transform) and read the raw image and label columns, which Trainer
+        # would otherwise drop before they run.
+        logger.info("setting --remove_unused_columns false: the on-the-fly transforms need the raw columns")
+        training_args.remove_unused_columns = False
     return arguments
+
+
+def check_model_source(name: str) -> None:
+    """A preset, an existing directory, or something that can be a Hub id; a missing local path says so."""
+    if is_preset(name) or Path(name).exists():
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise ExampleError(f"--model_name_or_path {name} is neither an existing directory, a preset (tiny, t, s, b, "
+                           "l, xl, h, g), nor a Hub id")  # fmt: skip
+
+
+def read_id2label(path: str) -> dict[int, str]:
+    """Class names from a JSON object {id: name} with ids 0 .. n-1."""
+    try:
+        mapping = json.loads(Path(path).read_text())
+        id2label = {int(idx): name for idx, name in mapping.items()}
+    except (OSError, ValueError, AttributeError) as error:
+        raise ExampleError(f"--id2label_file {path} is not a JSON object of class ids to names ({error})") from None
+    if not id2label or sorted(id2label) != list(range(len(id2label))):
+        raise ExampleError(f"--id2label_file {path} must number its classes 0 to n-1 without gaps; it has ids "
+                           f"{sorted(id2label)[:10]}")  # fmt: skip
+    if not all(isinstance(name, str) for name in id2label.values()):
+        raise ExampleError(f"--id2label_file {path}: every class name must be a string")
+    return id2label
+
+
+def check_image_files(paths, role: str) -> None:
+    """Decode every local image once before training, so that a damaged file is named now, not mid-epoch."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ExampleError(f"--{role}: {path} is not a readable image ({error})") from None
 
 
 def load_image_folders(data_args: DataArguments):
@@ -171,7 +224,7 @@ def load_pretrained_backbone(backbone: torch.nn.Module, model_args: ModelArgumen
 
 
 def check_image_size(size: int) -> None:
-    if size % 32:
+    if size < 32 or size % 32:
         raise ExampleError(f"--image_size {size} must be a multiple of 32 (the backbone's stride)")
 
 
@@ -189,6 +242,8 @@ def make_trainer(model: torch.nn.Module, training_args: TrainingArguments, datas
     """Trainer over the dataset's train and validation splits (each only where the run trains or evaluates), with
     `transforms` = (train, eval) applied on the fly."""
     train_transform, eval_transform = transforms
+    if training_args.do_train:
+        avoid_single_sample_batches(training_args, len(dataset["train"]))
     dataset["train"].set_transform(train_transform)
     dataset["validation"].set_transform(eval_transform)
     return Trainer(
@@ -198,6 +253,16 @@ def make_trainer(model: torch.nn.Module, training_args: TrainingArguments, datas
         eval_dataset=dataset["validation"] if training_args.do_eval else None,
         **trainer_kwargs,
     )
+
+
+def avoid_single_sample_batches(training_args: TrainingArguments, train_size: int) -> None:
+    """BatchNorm layers (UperNet's pooling module, detection heads, InternImage's classification head) cannot train
+    on a batch of one sample; drop an incomplete last batch that would hold a single one."""
+    per_process = math.ceil(train_size / training_args.world_size)
+    if training_args.per_device_train_batch_size > 1 and per_process % training_args.per_device_train_batch_size == 1:
+        logger.info("dropping each epoch's last training batch: it would hold a single sample (%d samples per "
+                    "process, batches of %d)", per_process, training_args.per_device_train_batch_size)  # fmt: skip
+        training_args.dataloader_drop_last = True
 
 
 def log_run_setup(training_args: TrainingArguments) -> None:

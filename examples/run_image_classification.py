@@ -24,6 +24,7 @@ from example_utils import (
     DataArguments,
     ExampleError,
     ModelArguments,
+    check_image_files,
     check_reload,
     enable_hub_kernels,
     finish_distributed,
@@ -76,14 +77,27 @@ def parse_arguments(argv: list[str]):
 
 
 def check_image_folder(directory: str, role: str) -> None:
+    """Images present and readable; without a metadata.jsonl (which labels them) at least two class folders."""
     path = Path(directory)
     if not path.is_dir():
         raise ExampleError(f"--{role} {directory} is not a directory")
-    classes = {p.parent.name for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
-    if not classes:
+    images = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
         raise ExampleError(f"--{role} {directory} holds no images (expected one subfolder of images per class)")
-    if len(classes) < 2:
+    classes = {image.parent.name for image in images}
+    if len(classes) < 2 and not (path / "metadata.jsonl").is_file():
         raise ExampleError(f"--{role} {directory} has 1 class ({classes.pop()}); classification needs at least two")
+    check_image_files(images, role)
+
+
+def encode_string_labels(dataset, column: str):
+    """Labels given as names (e.g. in a metadata.jsonl) become a class-label column, with one list of names for
+    all splits."""
+    if dataset["train"].features[column].dtype != "string":
+        return dataset
+    names = sorted({name for split in dataset.values() for name in split.unique(column)})
+    logger.info("label column '%s' holds names; classes: %s", column, ", ".join(names))
+    return dataset.cast_column(column, ClassLabel(names=names))
 
 
 def load_data(data_args: DataTrainingArguments, seed: int):
@@ -101,6 +115,7 @@ def load_data(data_args: DataTrainingArguments, seed: int):
     dataset = finish_splits(dataset, data_args, seed)
     require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
                                        "label_column_name": data_args.label_column_name})  # fmt: skip
+    dataset = encode_string_labels(dataset, data_args.label_column_name)
     label_feature = dataset["train"].features[data_args.label_column_name]
     if not isinstance(label_feature, ClassLabel):
         raise ExampleError(f"--label_column_name '{data_args.label_column_name}' is not a class label column "
@@ -207,6 +222,8 @@ def save_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, names: li
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    if data_args.image_size is not None and data_args.image_size < 32:
+        raise ExampleError(f"--image_size {data_args.image_size} must be at least 32 pixels")
     prepare_output_dir(training_args, output_args)
     log_run_setup(training_args)
     started = time.time()

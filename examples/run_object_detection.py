@@ -32,6 +32,7 @@ from example_utils import (
     ExampleError,
     ModelArguments,
     backbone_config,
+    check_image_files,
     check_image_size,
     check_reload,
     denormalized_image,
@@ -47,6 +48,7 @@ from example_utils import (
     parse_example_arguments,
     prepare_output_dir,
     publish,
+    read_id2label,
     require_columns,
     train_and_evaluate,
 )
@@ -92,8 +94,8 @@ def load_data(data_args: DataTrainingArguments, seed: int):
         dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
     elif data_args.train_dir:
         for role, directory in (("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)):
-            if directory and not (Path(directory) / "metadata.jsonl").is_file():
-                raise ExampleError(f"--{role} {directory} has no metadata.jsonl (COCO-style boxes per image)")
+            if directory:
+                check_metadata(Path(directory), role)
         dataset = load_image_folders(data_args)
     else:
         from digits_data import digits_scenes
@@ -105,10 +107,53 @@ def load_data(data_args: DataTrainingArguments, seed: int):
     return dataset, class_names(dataset, data_args)
 
 
+def check_metadata(directory: Path, role: str) -> None:
+    """Every record of a local folder's metadata.jsonl well formed (the file and line named otherwise), its images
+    readable, and at least one box in all."""
+    metadata = directory / "metadata.jsonl"
+    if not metadata.is_file():
+        raise ExampleError(f"--{role} {directory} has no metadata.jsonl (COCO-style boxes per image)")
+    boxes, images = 0, []
+    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ExampleError(f"{metadata}, line {number}: not valid JSON ({error})") from None
+        problem = record_problem(record)
+        if problem:
+            raise ExampleError(f"{metadata}, line {number}: {problem}")
+        boxes += len(record["objects"]["bbox"])
+        images.append(directory / record["file_name"])
+    if boxes == 0:
+        raise ExampleError(f"{metadata} has no objects at all; detection needs boxes to learn from")
+    check_image_files(images, role)
+
+
+def record_problem(record) -> str | None:
+    """What is wrong with one metadata.jsonl record, or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+        return "each record needs a 'file_name'"
+    objects = record.get("objects")
+    if not isinstance(objects, dict) or not {"bbox", "category"} <= set(objects):
+        return "each record needs 'objects' with 'bbox' and 'category' lists"
+    bboxes, categories = objects["bbox"], objects["category"]
+    if not isinstance(bboxes, list) or not isinstance(categories, list) or len(bboxes) != len(categories):
+        return "'objects' must hold lists 'bbox' and 'category' of the same length"
+    for box in bboxes:
+        if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+            return f"bbox {box!r} is not four numbers [x, y, width, height]"
+    for category in categories:
+        if not isinstance(category, int) or isinstance(category, bool):
+            return f"category {category!r} is not a class id (an integer; names go in --id2label_file)"
+    return None
+
+
 def class_names(dataset, data_args: DataTrainingArguments) -> list[str]:
     if data_args.id2label_file:
-        mapping = json.loads(Path(data_args.id2label_file).read_text())
-        return [mapping[str(idx)] for idx in range(len(mapping))]
+        id2label = read_id2label(data_args.id2label_file)
+        return [id2label[idx] for idx in range(len(id2label))]
     category = dataset["train"].features[data_args.objects_column_name]["category"]
     feature = category.feature if isinstance(category, Sequence) else category[0] if isinstance(category, list) else None
     if isinstance(feature, ClassLabel):
@@ -141,10 +186,12 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, la
         source_config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code,
                                                    token=model_args.token, revision=model_args.model_revision)  # fmt: skip
         if source_config.model_type != "internimage":
+            check_query_count(source_config.num_queries, data_args.image_size, f"{name}'s num_queries")
             return AutoModelForObjectDetection.from_pretrained(
                 name, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
                 token=model_args.token,
             )  # fmt: skip
+    check_query_count(data_args.num_queries, data_args.image_size, "--num_queries")
     backbone = backbone_config(model_args, BACKBONE_STAGES)
     width = data_args.detector_width
     config = RTDetrConfig(
@@ -158,6 +205,14 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, la
     model = RTDetrForObjectDetection(config)
     load_pretrained_backbone(model.model.backbone.model, model_args, BACKBONE_STAGES)
     return model
+
+
+def check_query_count(num_queries: int, image_size: int, what: str) -> None:
+    """RT-DETR selects its queries among the encoder's tokens at strides 8, 16 and 32."""
+    tokens = sum((image_size // stride) ** 2 for stride in (8, 16, 32))
+    if not 1 <= num_queries <= tokens:
+        raise ExampleError(f"{what} {num_queries} must lie between 1 and the {tokens} encoder tokens at "
+                           f"--image_size {image_size}: lower --num_queries or raise --image_size")  # fmt: skip
 
 
 def make_transforms(data_args: DataTrainingArguments):

@@ -6,13 +6,13 @@ trained with Trainer.
         converted/internimage-t-1k-224 --id2label_file ade20k-id2label.json --reduce_labels --output_dir out ...
     python examples/run_semantic_segmentation.py --train_dir data/train --validation_dir data/val ...
 
-Local folders hold `images/` and `masks/` (PNG class-index maps with the same file stems). --model_name_or_path
+Local folders hold `images/` and `masks/` (PNG class-index maps with the same file stems: single-channel images
+of mode L, P or I whose pixel values are class ids, 255 for "ignore"; colour masks are refused). --model_name_or_path
 is an InternImage directory or Hub id (its backbone weights are used), a saved UperNet+InternImage directory, or
 a preset to train from scratch. Metrics land in <output_dir>/eval_results.json (`eval_mean_iou`), predictions
 overlaid on validation images in <output_dir>/predictions.png.
 """
 
-import json
 import logging
 import sys
 import time
@@ -30,6 +30,7 @@ from example_utils import (
     ExampleError,
     ModelArguments,
     backbone_config,
+    check_image_files,
     check_image_size,
     check_reload,
     denormalized_image,
@@ -45,6 +46,7 @@ from example_utils import (
     parse_example_arguments,
     prepare_output_dir,
     publish,
+    read_id2label,
     require_columns,
     train_and_evaluate,
 )
@@ -94,6 +96,7 @@ def folder_dataset(directory: str, role: str) -> Dataset:
     missing = [path.name for path in images if path.stem not in masks]
     if missing:
         raise ExampleError(f"--{role}: no mask in {masks_dir} for {', '.join(missing[:5])}")
+    check_image_files([*images, *(masks[path.stem] for path in images)], role)
     features = Features({"image": ImageFeature(), "mask": ImageFeature()})
     return Dataset.from_dict({"image": [str(p) for p in images], "mask": [str(masks[p.stem]) for p in images]},
                              features=features)  # fmt: skip
@@ -116,16 +119,40 @@ def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[DatasetDict,
     require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
                                        "label_column_name": data_args.label_column_name})  # fmt: skip
     if data_args.id2label_file:
-        id2label = {int(k): v for k, v in json.loads(Path(data_args.id2label_file).read_text()).items()}
-    if id2label is None:  # count the classes present in (a sample of) the training masks
-        sample = dataset["train"].select(range(min(200, len(dataset["train"]))))
-        largest = max(int(np.asarray(mask).max()) for mask in sample[data_args.label_column_name])
-        id2label = {idx: str(idx) for idx in range(largest + 1)}
+        id2label = read_id2label(data_args.id2label_file)
+    # Local masks are all checked; of a Hub dataset, a sample of each split.
+    everything = data_args.train_dir is not None
+    largest = {split: largest_class_id(dataset[split], data_args, everything) for split in ("train", "validation")}
+    if id2label is None:  # the classes present in the training masks
+        id2label = {idx: str(idx) for idx in range(largest["train"] + 1)}
     if data_args.reduce_labels:
         id2label = {idx - 1: name for idx, name in id2label.items() if idx > 0}
     if len(id2label) < 2:
         raise ExampleError("the masks hold fewer than two classes; segmentation needs at least two")
+    for split, class_id in largest.items():
+        if class_id - int(data_args.reduce_labels) >= len(id2label):
+            raise ExampleError(f"{split} masks hold class id {class_id}, but there are {len(id2label)} classes "
+                               "(--id2label_file, --reduce_labels)")  # fmt: skip
     return dataset, id2label
+
+
+def mask_class_ids(mask: Image.Image) -> np.ndarray:
+    """The class-index array of a mask; colour masks are refused (their luminance is no class id)."""
+    if mask.mode not in ("L", "P", "I", "I;16", "1"):
+        raise ExampleError(f"masks must be single-channel class-index images (mode L, P or I); got a {mask.mode} "
+                           "mask. Convert colour masks to class ids first")  # fmt: skip
+    return np.asarray(mask, dtype=np.int64)
+
+
+def largest_class_id(split, data_args: DataTrainingArguments, everything: bool) -> int:
+    """The largest class id (255, "ignore", excepted) in the split's masks (all, or the first 200)."""
+    rows = split if everything else split.select(range(min(200, len(split))))
+    largest = 0
+    for mask in rows[data_args.label_column_name]:
+        ids = mask_class_ids(mask)
+        ids = ids[ids != 255]
+        largest = max(largest, int(ids.max()) if ids.size else 0)
+    return largest
 
 
 def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, id2label: dict[int, str]):
@@ -158,7 +185,7 @@ def make_transforms(data_args: DataTrainingArguments):
     def apply(batch, augment):
         pixel_values, labels = [], []
         for image, mask in zip(batch[data_args.image_column_name], batch[data_args.label_column_name]):
-            mask = np.asarray(mask.convert("L") if mask.mode not in ("L", "I", "P") else mask, dtype=np.int64)
+            mask = mask_class_ids(mask)
             if data_args.reduce_labels:
                 mask = np.where(mask == 0, 255, mask - 1)
             out = augment(image=np.asarray(image.convert("RGB")), mask=mask)
@@ -225,6 +252,9 @@ def save_overlays(model, dataset, path: Path, count: int = 6) -> None:
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_image_size(data_args.image_size)
+    if training_args.do_train and training_args.per_device_train_batch_size < 2:
+        raise ExampleError("--per_device_train_batch_size must be 2 or more: UperNet's pooling module ends in "
+                           "BatchNorm over 1x1 maps, which cannot train on a single image")  # fmt: skip
     prepare_output_dir(training_args, output_args)
     log_run_setup(training_args)
     started = time.time()

@@ -188,3 +188,123 @@ def test_classification_uses_the_hub_kernel_when_asked(tmp_path, caplog):
     fallbacks = [r for r in caplog.records if r.name == "modeling_internimage.hub_kernels"]
     assert len(fallbacks) == 1 and "keeps the PyTorch DCNv3 operator" in fallbacks[0].getMessage()
     assert torch.isfinite(torch.tensor(results["eval_loss"]))
+
+
+# --- bad input to the examples: a clear error before training, or a run that works -----------------------------
+
+def write_segmentation_folder(root, count=4, size=32, mask_mode="L", classes=3):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for idx in range(count):
+        Image.fromarray(rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)).save(root / "images" / f"{idx}.png")
+        mask = Image.fromarray((np.arange(size * size).reshape(size, size) % classes).astype(np.uint8))
+        mask.convert(mask_mode).save(root / "masks" / f"{idx}.png")
+
+
+def write_detection_folder(root, rows):
+    root.mkdir(parents=True)
+    for idx in range(2):
+        Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(root / f"{idx}.png")
+    (root / "metadata.jsonl").write_text("\n".join(row if isinstance(row, str) else json.dumps(row) for row in rows))
+
+
+GOOD_RECORD = {"file_name": "0.png", "objects": {"bbox": [[2.0, 2.0, 10.0, 10.0]], "category": [0]}}
+
+
+@pytest.mark.parametrize(
+    "second_record, message",
+    [
+        ({"file_name": "1.png"}, "line 2: each record needs 'objects'"),
+        ({"file_name": "1.png", "objects": {"bbox": [[1, 1, 5, 5]]}}, "line 2: each record needs 'objects' with"),
+        ({"file_name": "1.png", "objects": {"bbox": [[1, 1, 5]], "category": [0]}}, r"line 2: bbox \[1, 1, 5\] is not"),
+        ({"file_name": "1.png", "objects": {"bbox": [[1, 1, 5, 5]], "category": ["cat"]}}, "line 2: category 'cat'"),
+        ("{not json", "line 2: not valid JSON"),
+    ],
+)
+def test_detection_metadata_problems_name_file_and_line(second_record, message, tmp_path):
+    write_detection_folder(tmp_path / "train", [GOOD_RECORD, second_record])
+    with pytest.raises(SystemExit, match=f"metadata.jsonl, {message}"):
+        run_object_detection.main(["--train_dir", str(tmp_path / "train"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_detection_metadata_without_any_object_is_refused(tmp_path):
+    empty = {"file_name": "1.png", "objects": {"bbox": [], "category": []}}
+    write_detection_folder(tmp_path / "train", [{**empty, "file_name": "0.png"}, empty])
+    with pytest.raises(SystemExit, match="has no objects at all"):
+        run_object_detection.main(["--train_dir", str(tmp_path / "train"), "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        (run_object_detection, ["--num_queries", "300"], "--num_queries 300 must lie between 1 and the 189 encoder tokens"),
+        (run_object_detection, ["--num_queries", "0"], "--num_queries 0 must lie between 1"),
+        (run_object_detection, ["--image_size", "0"], "--image_size 0 must be a multiple of 32"),
+        (run_semantic_segmentation, ["--image_size", "0"], "--image_size 0 must be a multiple of 32"),
+        (run_image_classification, ["--image_size", "0"], "--image_size 0 must be at least 32"),
+        (run_image_classification, ["--max_train_samples", "0"], "--max_train_samples 0 must be at least 1"),
+        (run_semantic_segmentation, ["--per_device_train_batch_size", "1"], "must be 2 or more"),
+        (run_image_classification, ["--model_name_or_path", "./no/such/model"], "is neither an existing directory"),
+        (run_object_detection, ["--model_name_or_path", "/no/such/dir"], "is neither an existing directory"),
+    ],
+)  # fmt: skip
+def test_bad_flags_stop_before_training(script, flags, message, tmp_path):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        script.main(flags + ["--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("script", [run_semantic_segmentation, run_object_detection])
+def test_id2label_file_with_gaps_is_refused(script, tmp_path):
+    (tmp_path / "id2label.json").write_text(json.dumps({"0": "background", "2": "cat"}))
+    with pytest.raises(SystemExit, match="without gaps"):
+        script.main(["--id2label_file", str(tmp_path / "id2label.json"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_segmentation_refuses_colour_masks(tmp_path):
+    write_segmentation_folder(tmp_path / "train", mask_mode="RGB")
+    with pytest.raises(SystemExit, match="single-channel class-index images .* got a RGB mask"):
+        run_semantic_segmentation.main(["--train_dir", str(tmp_path / "train"), "--output_dir", str(tmp_path / "o")])
+
+
+def test_segmentation_refuses_mask_values_beyond_the_classes(tmp_path):
+    write_segmentation_folder(tmp_path / "train", classes=5)
+    (tmp_path / "id2label.json").write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
+    with pytest.raises(SystemExit, match="train masks hold class id 4, but there are 3 classes"):
+        run_semantic_segmentation.main(["--train_dir", str(tmp_path / "train"), "--id2label_file",
+                                        str(tmp_path / "id2label.json"), "--output_dir", str(tmp_path / "o")])  # fmt: skip
+
+
+def test_corrupt_image_is_named_before_training(tmp_path):
+    write_segmentation_folder(tmp_path / "train")
+    damaged = tmp_path / "train" / "images" / "2.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    with pytest.raises(SystemExit, match="2.png is not a readable image"):
+        run_semantic_segmentation.main(["--train_dir", str(tmp_path / "train"), "--output_dir", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("script", [run_semantic_segmentation, run_object_detection])
+def test_a_last_batch_of_one_sample_trains(script, tmp_path):
+    """17 training samples in batches of 4: the last batch would hold one image, which BatchNorm cannot train on."""
+    results = script.main(["--max_train_samples", "17", "--max_eval_samples", "4", "--num_train_epochs", "1",
+                           "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path)])  # fmt: skip
+    assert np.isfinite(json.loads((tmp_path / "train_results.json").read_text())["train_loss"])
+    assert "reload_max_difference" in results
+
+
+def test_classification_with_named_labels_and_trainer_defaults(tmp_path):
+    """Labels as names in a metadata.jsonl, and Trainer's default --remove_unused_columns true."""
+    train = tmp_path / "train"
+    train.mkdir()
+    rows = []
+    for idx in range(8):
+        Image.fromarray(np.full((20, 20, 3), 30 * idx, dtype=np.uint8)).save(train / f"{idx}.png")
+        rows.append({"file_name": f"{idx}.png", "label": "cat" if idx % 2 else "dog"})
+    (train / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    results = run_image_classification.main(
+        ["--train_dir", str(train), "--do_train", "--do_eval", "--num_train_epochs", "1", "--image_size", "32",
+         "--train_val_split", "0.25", "--use_cpu", "--report_to", "none", "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert "eval_accuracy" in results
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.id2label == {0: "cat", 1: "dog"}
