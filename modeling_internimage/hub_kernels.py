@@ -50,13 +50,18 @@ def dcnv3_kernel_mapping(
     """kernels mapping of the `DCNv3` layer to a hub repo, for CUDA and CPU.
 
     Without arguments: the package's own repo at version 1, whose code is trusted. A repo given here or through
-    INTERNIMAGE_DCNV3_KERNEL_REPO is trusted only with `trust_remote_code=True` (or
-    INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1); otherwise kernels refuses to load it.
+    INTERNIMAGE_DCNV3_KERNEL_REPO needs `trust_remote_code=True` (or INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1);
+    otherwise this raises a ValueError. The check is made here because kernels skips its own publisher check offline.
     """
     repo_id = repo_id or os.environ.get("INTERNIMAGE_DCNV3_KERNEL_REPO") or DCNV3_KERNEL_REPO_ID
     revision = revision or os.environ.get("INTERNIMAGE_DCNV3_KERNEL_REVISION") or None
     if trust_remote_code is None:
         trust_remote_code = os.environ.get("INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE", "").lower() in ("1", "true")
+    if repo_id != DCNV3_KERNEL_REPO_ID and not trust_remote_code:
+        raise ValueError(
+            f"the DCNv3 kernel repo {repo_id} is not the package's own ({DCNV3_KERNEL_REPO_ID}); running its code "
+            "needs trust_remote_code=True or INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1"
+        )
     repository = LayerRepository(
         repo_id,
         layer_name=DCNV3_LAYER_NAME,
@@ -113,7 +118,14 @@ def use_hub_kernels(
         _restore_pytorch_forward(model)
         return model
     mode = _as_mode(mode) if mode is not None else (Mode.TRAINING if model.training else Mode.INFERENCE)
-    mapping = mapping if mapping is not None else dcnv3_kernel_mapping()
+    if mapping is None:
+        try:
+            mapping = dcnv3_kernel_mapping()
+        except ValueError as error:
+            if strict:
+                raise
+            logger.warning("%s; InternImage keeps the PyTorch DCNv3 operator.", error)
+            return model
     device = _model_device(model)
     if not any(_covers(key, device) for key in mapping.get(DCNV3_LAYER_NAME, {})):
         message = f"no DCNv3 hub kernel for device '{device}'"

@@ -246,6 +246,7 @@ def test_push_to_hub_creates_repo_and_uploads_once(fixtures_dir, tmp_path, monke
             calls.append(("upload_folder", repo_id, uploaded))
 
     monkeypatch.setattr(converter, "HfApi", StandInHubApi)
+    monkeypatch.setattr(converter, "hub_is_offline", lambda: False)  # the stand-in needs no network
     assert convert("--checkpoint", fixtures_dir / "opengvlab_hub_format" / "tiny_l", "--output-dir", tmp_path / "out",
                    "--push-to-hub", "someone/internimage-tiny-l") == 0  # fmt: skip
     assert [call[0] for call in calls] == ["create_repo", "upload_folder"]

@@ -17,9 +17,11 @@ from safetensors import safe_open
 from test_reference_fixtures import OP_PARAMS, relative_error
 
 from modeling_internimage import (
+    DCNV3_KERNEL_REPO_ID,
     DCNv3Core,
     InternImageConfig,
     InternImageForImageClassification,
+    dcnv3_kernel_mapping,
     use_hub_kernels,
     uses_hub_kernel,
 )
@@ -168,7 +170,20 @@ def test_overridden_repository_runs_no_code_without_the_opt_in(kernel_build, tmp
     result = run_production_mapping(tmp_path, tmp_path / "cache", trusted=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "swapped=False difference=0.00e+00" in result.stdout
-    assert "trust" in result.stderr.lower(), result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING:modeling_internimage")]
+    assert len(warnings) == 1 and "INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1" in warnings[0], result.stderr
+
+
+def test_only_the_packages_own_kernel_repo_is_trusted_by_default(monkeypatch):
+    monkeypatch.delenv("INTERNIMAGE_DCNV3_KERNEL_REPO", raising=False)
+    monkeypatch.delenv("INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE", raising=False)
+    assert dcnv3_kernel_mapping()["DCNv3"]["cpu"]._repo_id == DCNV3_KERNEL_REPO_ID
+    with pytest.raises(ValueError, match="not the package's own"):
+        dcnv3_kernel_mapping("someone/dcnv3")
+    assert dcnv3_kernel_mapping("someone/dcnv3", trust_remote_code=True)["DCNv3"]["cuda"]._repo_id == "someone/dcnv3"
+    monkeypatch.setenv("INTERNIMAGE_DCNV3_KERNEL_REPO", "someone/dcnv3")
+    with pytest.raises(ValueError, match="INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE"):
+        dcnv3_kernel_mapping()
 
 
 def test_missing_kernel_falls_back_with_one_warning_and_no_network(tmp_path):
@@ -248,3 +263,4 @@ def test_cuda_variant_is_compiled_for_sm80_and_sm90():
     assert b"sm_80" in library and b"sm_90" in library
     assert b"dcnv3_forward_kernel" in library and b"dcnv3_backward_kernel" in library
     assert {path.name for path in variant.iterdir()} >= {"__init__.py", "layers.py", "_ops.py", "metadata.json"}
+
