@@ -2,6 +2,8 @@
 # Build the DCNv3 hub kernel locally: the CPU variant for the project's torch (.venv), and the CUDA variant, compiled
 # with nvcc for sm_80 and sm_90 against a CUDA build of torch in .venv-cuda (no GPU needed to compile).
 # Usage: bash scripts/build_kernels.sh [cpu] [cuda]   (default: both)
+# Without nvcc the CUDA build is skipped with one line saying so, unless INTERNIMAGE_REQUIRE_CUDA_BUILD=1 (CI sets
+# it), which makes a missing nvcc an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backends=("$@")
@@ -13,7 +15,14 @@ for backend in "${backends[@]}"; do
         ;;
     cuda)
         export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-        command -v "$CUDA_HOME/bin/nvcc" >/dev/null || { echo "error: nvcc not found under $CUDA_HOME" >&2; exit 1; }
+        if ! command -v "$CUDA_HOME/bin/nvcc" >/dev/null; then
+            if [ "${INTERNIMAGE_REQUIRE_CUDA_BUILD:-0}" = 1 ]; then
+                echo "error: nvcc not found under $CUDA_HOME (INTERNIMAGE_REQUIRE_CUDA_BUILD=1)" >&2
+                exit 1
+            fi
+            echo "skipping the CUDA kernel build: no nvcc under $CUDA_HOME (set CUDA_HOME, or INTERNIMAGE_REQUIRE_CUDA_BUILD=1 to fail)"
+            continue
+        fi
         if ! .venv-cuda/bin/python -c "import torch, ninja, setuptools; assert torch.version.cuda" >/dev/null 2>&1; then
             python3 -m venv .venv-cuda
             .venv-cuda/bin/pip install --quiet --disable-pip-version-check "torch==2.14.1" ninja setuptools numpy
