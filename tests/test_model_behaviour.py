@@ -429,3 +429,29 @@ def test_upernet_with_internimage_backbone_trains_and_reloads(tmp_path):
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values).logits, model(pixel_values).logits)
+
+
+@pytest.mark.parametrize("save_head_norm", [False, True])
+def test_lora_keeps_the_heads_batchnorm_statistics_only_in_modules_to_save(save_head_norm, tmp_path):
+    """The T-XL head's BatchNorm statistics change in training but are no trainable parameters: a LoRA adapter
+    without `pooler.norm` in `modules_to_save` reloads to other logits (the README's fine-tuning note)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base = InternImageForImageClassification(tiny_config(num_labels=3))
+    base.save_pretrained(tmp_path / "base")
+    modules_to_save = ["classifier", "pooler.norm"] if save_head_norm else ["classifier"]
+    lora = LoraConfig(r=4, target_modules=["fc1", "fc2", "input_proj", "output_proj"], modules_to_save=modules_to_save)
+    model = get_peft_model(base, lora)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    pixel_values, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    for _ in range(3):
+        model(pixel_values=pixel_values, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().save_pretrained(tmp_path / "adapter")
+    base_again = InternImageForImageClassification.from_pretrained(tmp_path / "base")
+    reloaded = PeftModel.from_pretrained(base_again, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        difference = (reloaded(pixel_values=pixel_values).logits - model(pixel_values=pixel_values).logits).abs().max()
+    assert (difference <= 1e-6) == save_head_norm, difference
