@@ -106,17 +106,17 @@ __attribute__((always_inline)) inline Corners<scalar_t, acc_t> interior_corners(
 // Points of one item whose footprints are computed eight at a time (kernels up to 5x5).
 constexpr int kMaxVectorPoints = 32;
 
-// Footprints of one item's points: each corner's element offset in the image (clamped into the map), whether it lies
-// inside the map (all bits set, else zero: the forward masks the loaded values with it, so a corner outside reads as
-// zero padding whatever the clamped pixel holds) and weight (bilinear weight times the point's mask weight; mask * 0
-// for a corner outside the map; NaN for a non-finite location), so that every point, at the border or not, takes
-// the same branch-free multiply-adds in the forward; for the backward also the fractional position and whether all
-// four corners lie inside the map.
+// Footprints of one item's points: each corner's element offset in the image and weight (bilinear weight times the
+// point's mask weight; zero for a corner outside the map), so that every point with a corner in the map takes the
+// same branch-free multiply-adds in the forward. A corner outside the map points at another corner of the same
+// footprint inside it, a pixel the PyTorch operator reads too, so a non-finite value there spreads exactly as it
+// does there. Points with no corner in the map (`outside`) read nothing and add `outside_add`: mask * 0, or NaN for
+// a non-finite location. For the backward also the fractional position and whether all four corners lie inside.
 struct ItemFootprints {
   alignas(32) int corner[4][kMaxVectorPoints];
-  alignas(32) int corner_bits[4][kMaxVectorPoints];
-  alignas(32) int corners_inside[kMaxVectorPoints];
   alignas(32) float weight[4][kMaxVectorPoints];
+  alignas(32) int outside[kMaxVectorPoints];
+  alignas(32) float outside_add[kMaxVectorPoints];
   alignas(32) float fx[kMaxVectorPoints], fy[kMaxVectorPoints];
   alignas(32) int interior[kMaxVectorPoints];
 };
@@ -178,8 +178,7 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     const Float8 low = load8(offset_source), high = load8(offset_source + 8);
     Float8 x = center_x + load8(table.dx.data() + first) + scale * __builtin_shuffle(low, high, even);
     Float8 y = center_y + load8(table.dy.data() + first) + scale * __builtin_shuffle(low, high, odd);
-    // Points with no corner in the map get weights mask * 0, non-finite locations NaN weights; the location of both
-    // is reset to keep the integer conversion defined.
+    // Points with no corner in the map (and non-finite locations) are reset to keep the integer conversion defined.
     const Int8 finite = (x - x == zero) & (y - y == zero);
     const Int8 inside = (x > minus_one) & (y > minus_one) & (x < width_f) & (y < height_f);
     store8(footprints.interior + first, (x >= zero) & (y >= zero) & (x < last_x) & (y < last_y));
@@ -190,8 +189,11 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     const Int8 x0_in = x0 >= 0, x1_in = x0 + 1 < width, y0_in = (y0 >= 0) & inside, y1_in = (y0 + 1 < height) & inside;
     store8(footprints.fx + first, fx);
     store8(footprints.fy + first, fy);
-    const Float8 mask = finite ? (point_mask ? load8(mask_source) : one) : nan;
-    const Float8 upper = mask * (y0_in ? one - fy : zero), lower = mask * (y1_in ? fy : zero);
+    const Float8 mask = point_mask ? load8(mask_source) : one;
+    store8(footprints.outside + first, ~inside);
+    store8(footprints.outside_add + first, finite ? mask * zero : nan);
+    const Float8 lower_mask = mask * fy;
+    const Float8 upper = y0_in ? mask - lower_mask : zero, lower = y1_in ? lower_mask : zero;
     const Float8 left = x0_in ? one - fx : zero, right = x1_in ? fx : zero;
     const Int8 column0 = x0_in ? x0 : zero_index, column1 = x1_in ? x0 + 1 : column0;
     const Int8 row0 = (y0_in ? y0 : zero_index) * width, row1 = y1_in ? (y0 + 1) * width : row0;
@@ -199,11 +201,6 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     store8(footprints.corner[1] + first, (row0 + column1) * channels);
     store8(footprints.corner[2] + first, (row1 + column0) * channels);
     store8(footprints.corner[3] + first, (row1 + column1) * channels);
-    store8(footprints.corners_inside + first, y0_in & y1_in & x0_in & x1_in);
-    store8(footprints.corner_bits[0] + first, y0_in & x0_in);
-    store8(footprints.corner_bits[1] + first, y0_in & x1_in);
-    store8(footprints.corner_bits[2] + first, y1_in & x0_in);
-    store8(footprints.corner_bits[3] + first, y1_in & x1_in);
     store8(footprints.weight[0] + first, upper * left);
     store8(footprints.weight[1] + first, upper * right);
     store8(footprints.weight[2] + first, lower * left);
@@ -290,21 +287,15 @@ __attribute__((always_inline)) inline void forward_item_vector(const float* __re
   item_footprints(point_offset, point_mask, points, center_x, center_y, table, geo, footprints);
   Float8 acc[kVectors] = {};
   for (int p = 0; p < points; ++p) {
-    const int* bits = &footprints.corner_bits[0][p];
-    if (footprints.corners_inside[p]) {  // the common case: plain loads
-      for (int v = 0; v < kVectors; ++v) {
-        acc[v] += footprints.weight[0][p] * load8(image + footprints.corner[0][p] + 8 * v) +
-                  footprints.weight[1][p] * load8(image + footprints.corner[1][p] + 8 * v) +
-                  footprints.weight[2][p] * load8(image + footprints.corner[2][p] + 8 * v) +
-                  footprints.weight[3][p] * load8(image + footprints.corner[3][p] + 8 * v);
-      }
+    if (footprints.outside[p]) {
+      for (int v = 0; v < kVectors; ++v) acc[v] += footprints.outside_add[p];
       continue;
     }
-    for (int v = 0; v < kVectors; ++v) {  // corners outside the map read as zero padding
-      for (int k = 0; k < 4; ++k) {
-        const Int8 loaded = (Int8)load8(image + footprints.corner[k][p] + 8 * v) & bits[k * kMaxVectorPoints];
-        acc[v] += footprints.weight[k][p] * (Float8)loaded;
-      }
+    for (int v = 0; v < kVectors; ++v) {
+      acc[v] += footprints.weight[0][p] * load8(image + footprints.corner[0][p] + 8 * v) +
+                footprints.weight[1][p] * load8(image + footprints.corner[1][p] + 8 * v) +
+                footprints.weight[2][p] * load8(image + footprints.corner[2][p] + 8 * v) +
+                footprints.weight[3][p] * load8(image + footprints.corner[3][p] + 8 * v);
     }
   }
   __builtin_memcpy(out, acc, sizeof(acc));
