@@ -5,7 +5,7 @@ final save-reload check."""
 import json
 import logging
 import math
-import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,8 @@ from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArgument
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging as hf_logging
 
-from modeling_internimage import INTERNIMAGE_VARIANTS, InternImageBackbone, InternImageConfig
+from modeling_internimage import InternImageBackbone, InternImageConfig
+from modeling_internimage.configuration_internimage import normalize_variant_name
 
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,13 @@ def publish(trainer, training_args: TrainingArguments, **card) -> None:
 
 
 def is_preset(name: str) -> bool:
-    return name.lower() == "tiny" or name.lower().removeprefix("internimage").lstrip("-_") in INTERNIMAGE_VARIANTS
+    if name.lower() == "tiny":
+        return True
+    try:
+        normalize_variant_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def preset_config(name: str, **kwargs) -> InternImageConfig:
@@ -304,18 +311,32 @@ def denormalized_image(pixel_values: torch.Tensor) -> np.ndarray:
     return (pixels * 255).clip(0, 255).astype(np.uint8)
 
 
-def check_reload(model: torch.nn.Module, model_class, output_dir: str, inputs: dict, output: str = "logits") -> float:
+def check_reload(model: torch.nn.Module, model_class, output_dir: str, pixel_values: torch.Tensor,
+                 output: str = "logits") -> float:  # fmt: skip
     """Reload the saved model with `model_class.from_pretrained` and return the largest difference of `output`."""
     reloaded = model_class.from_pretrained(output_dir).to(model.device).eval()
     model.eval()
+    pixel_values = pixel_values.to(model.device)
     with torch.no_grad():
-        expected = model(**inputs)
-        actual = reloaded(**inputs)
+        expected = model(pixel_values=pixel_values)
+        actual = reloaded(pixel_values=pixel_values)
     return (getattr(actual, output) - getattr(expected, output)).abs().max().item()
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def finish_run(trainer, training_args: TrainingArguments, results: dict, *, auto_class, pixel_values: torch.Tensor,
+               metric: tuple[str, str], started: float, output: str = "logits") -> dict:  # fmt: skip
+    """The scripts' common ending: after training, the main process reloads the saved model with `auto_class`,
+    compares `output` on `pixel_values` and prints a summary with `metric` (result key, name); then every rank
+    waits for the others and the process group closes."""
+    if training_args.do_train and trainer.is_world_process_zero():
+        difference = check_reload(trainer.model, auto_class, training_args.output_dir, pixel_values, output)
+        results["reload_max_difference"] = difference
+        key, name = metric
+        print(f"\nsummary: validation {name} {results.get(key, float('nan')):.4f}, {time.time() - started:.0f} s, "
+              f"model in {training_args.output_dir} (reloaded with {auto_class.__name__}, max {output} difference "
+              f"{difference:.1e})")  # fmt: skip
+    finish_distributed()
+    return results
 
 
 def finish_distributed() -> None:

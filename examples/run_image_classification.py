@@ -25,11 +25,9 @@ from example_utils import (
     ExampleError,
     ModelArguments,
     check_image_files,
-    check_reload,
     enable_hub_kernels,
-    finish_distributed,
+    finish_run,
     finish_splits,
-    is_main_process,
     is_preset,
     load_config,
     load_image_folders,
@@ -246,17 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="image-classification",
             dataset=data_args.dataset_name or "scikit-learn digits", tags=["image-classification", "internimage"])  # fmt: skip
 
-    if training_args.do_train and is_main_process():
-        batch = collate([dataset["validation"][idx] for idx in range(min(4, len(dataset["validation"])))],
-                        data_args.label_column_name)  # fmt: skip
-        inputs = {"pixel_values": batch["pixel_values"].to(trainer.model.device)}
-        difference = check_reload(trainer.model, AutoModelForImageClassification, training_args.output_dir, inputs)
-        results["reload_max_difference"] = difference
-        print(f"\nsummary: validation accuracy {results.get('eval_accuracy', float('nan')):.4f}, "
-              f"{time.time() - started:.0f} s, model in {training_args.output_dir} "
-              f"(reloaded with AutoModelForImageClassification, max logit difference {difference:.1e})")  # fmt: skip
-    finish_distributed()
-    return results
+    batch = collate([dataset["validation"][idx] for idx in range(min(4, len(dataset["validation"])))],
+                    data_args.label_column_name)  # fmt: skip
+    return finish_run(trainer, training_args, results, auto_class=AutoModelForImageClassification,
+                      pixel_values=batch["pixel_values"], metric=("eval_accuracy", "accuracy"), started=started)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,12 +34,10 @@ from example_utils import (
     backbone_config,
     check_image_files,
     check_image_size,
-    check_reload,
     denormalized_image,
     enable_hub_kernels,
-    finish_distributed,
+    finish_run,
     finish_splits,
-    is_main_process,
     is_preset,
     load_image_folders,
     load_pretrained_backbone,
@@ -357,16 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
     publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="object-detection",
             dataset=data_args.dataset_name or "scikit-learn digits scenes", tags=["rt-detr", "internimage"])  # fmt: skip
 
-    if training_args.do_train and is_main_process():
-        inputs = {"pixel_values": collate([dataset["validation"][0]])["pixel_values"].to(trainer.model.device)}
-        difference = check_reload(trainer.model, AutoModelForObjectDetection, training_args.output_dir, inputs,
-                                  output="pred_boxes")  # fmt: skip
-        results["reload_max_difference"] = difference
-        print(f"\nsummary: validation mAP {results.get('eval_map', float('nan')):.4f}, {time.time() - started:.0f} s, "
-              f"model in {training_args.output_dir} (reloaded with AutoModelForObjectDetection, max box "
-              f"difference {difference:.1e})")  # fmt: skip
-    finish_distributed()
-    return results
+    pixel_values = collate([dataset["validation"][0]])["pixel_values"]
+    return finish_run(trainer, training_args, results, auto_class=AutoModelForObjectDetection,
+                      pixel_values=pixel_values, metric=("eval_map", "mAP"), started=started, output="pred_boxes")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,12 +32,10 @@ from example_utils import (
     backbone_config,
     check_image_files,
     check_image_size,
-    check_reload,
     denormalized_image,
     enable_hub_kernels,
-    finish_distributed,
+    finish_run,
     finish_splits,
-    is_main_process,
     is_preset,
     load_metric,
     load_pretrained_backbone,
@@ -274,16 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
     publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="image-segmentation",
             dataset=data_args.dataset_name or "scikit-learn digits scenes", tags=["upernet", "internimage"])  # fmt: skip
 
-    if training_args.do_train and is_main_process():
-        batch = collate([dataset["validation"][idx] for idx in range(min(2, len(dataset["validation"])))])
-        inputs = {"pixel_values": batch["pixel_values"].to(trainer.model.device)}
-        difference = check_reload(trainer.model, AutoModelForSemanticSegmentation, training_args.output_dir, inputs)
-        results["reload_max_difference"] = difference
-        print(f"\nsummary: validation mean IoU {results.get('eval_mean_iou', float('nan')):.4f}, "
-              f"{time.time() - started:.0f} s, model in {training_args.output_dir} "
-              f"(reloaded with AutoModelForSemanticSegmentation, max logit difference {difference:.1e})")  # fmt: skip
-    finish_distributed()
-    return results
+    batch = collate([dataset["validation"][idx] for idx in range(min(2, len(dataset["validation"])))])
+    return finish_run(trainer, training_args, results, auto_class=AutoModelForSemanticSegmentation,
+                      pixel_values=batch["pixel_values"], metric=("eval_mean_iou", "mean IoU"), started=started)  # fmt: skip
 
 
 if __name__ == "__main__":
