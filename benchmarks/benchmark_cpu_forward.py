@@ -165,8 +165,12 @@ def build_models() -> dict[str, torch.nn.Module]:
         with_original_style_op(InternImageModel(InternImageConfig.from_variant("t")).eval()),
         softmax_last_dim=lambda logits: logits.softmax(-1),
     )
-    models = {"ConvNeXt-T": convnext.eval(), "Swin-T": swin.eval(), "InternImage-T": internimage,
-              "InternImage-T (original op)": original}  # fmt: skip
+    models = {
+        "ConvNeXt-T": convnext.eval(),
+        "Swin-T": swin.eval(),
+        "InternImage-T": internimage,
+        "InternImage-T (original op)": original,
+    }
     if modeling.onednn_linear_op() is not None:
         check_onednn_mlp()
         models["ConvNeXt-T (oneDNN MLP)"] = with_onednn_mlp(ConvNextModel(convnext_config).eval())

@@ -120,7 +120,9 @@ def read_labels(path: Path) -> dict[int, str]:
     except (UnicodeDecodeError, ValueError) as error:
         raise ConversionError(f"label file {path} does not parse: {str(error).splitlines()[0]}") from None
     if not labels or sorted(labels) != list(range(len(labels))):
-        raise ConversionError(f"label file {path} must name classes 0 to n-1 without gaps; it has ids {sorted(labels)[:10]}")
+        raise ConversionError(
+            f"label file {path} must name classes 0 to n-1 without gaps; it has ids {sorted(labels)[:10]}"
+        )
     return labels
 
 
@@ -299,9 +301,14 @@ def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: C
         model.save_pretrained(directory, max_shard_size=args.max_shard_size)
         build_image_processor(size=image_size).save_pretrained(directory)
         card = render_model_card(
-            config, variant=variant, image_size=image_size, num_parameters=model.num_parameters(),
-            source_name=Path(checkpoint).name, is_backbone=source.is_backbone, repo_id=args.push_to_hub,
-        )  # fmt: skip
+            config,
+            variant=variant,
+            image_size=image_size,
+            num_parameters=model.num_parameters(),
+            source_name=Path(checkpoint).name,
+            is_backbone=source.is_backbone,
+            repo_id=args.push_to_hub,
+        )
         (directory / "README.md").write_text(card)
         log(f"reloaded the written directory: outputs agree (max difference {verify_reload(model, directory):.1e})")
 
@@ -319,8 +326,12 @@ def push_to_hub(directory: Path, repo_id: str, log: Callable[[str], None]) -> No
     api = HfApi()
     try:
         repo_id = api.create_repo(repo_id, repo_type="model", exist_ok=True).repo_id
-        api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type="model",
-                          commit_message="Add InternImage checkpoint converted with internimage-hf")  # fmt: skip
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=directory,
+            repo_type="model",
+            commit_message="Add InternImage checkpoint converted with internimage-hf",
+        )
     except Exception as error:  # noqa: BLE001 - network, auth and permission failures: one line each
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConversionError(f"{directory} was written, but pushing it to {repo_id} failed: {reason}") from None
@@ -337,15 +348,19 @@ def convert_batch(args: argparse.Namespace) -> int:
         if not checkpoint.exists():
             print(f"skipped {file_name}: not in {args.batch_dir}")
             continue
-        one = argparse.Namespace(**{**vars(args), "variant": variant, "image_size": args.image_size or image_size,
-                                    "push_to_hub": None})  # fmt: skip
+        one = argparse.Namespace(
+            **{**vars(args), "variant": variant, "image_size": args.image_size or image_size, "push_to_hub": None}
+        )
         try:
             convert(one, checkpoint, args.output_dir / checkpoint.stem)
             converted.append(file_name)
         except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
             failures.append(file_name)
             print(f"error: {file_name}: {one_line(error)}", file=sys.stderr)
-    print(f"batch: {len(converted)} converted, {len(failures)} failed" + (f" ({', '.join(failures)})" if failures else ""))
+    print(
+        f"batch: {len(converted)} converted, {len(failures)} failed"
+        + (f" ({', '.join(failures)})" if failures else "")
+    )
     return 2 if failures else 0
 
 

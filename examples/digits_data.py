@@ -46,9 +46,12 @@ def digits_classification(validation_fraction: float = 0.2, seed: int = 0) -> Da
 
 
 def digits_scenes(
-    num_images: int = 240, canvas: int = 96, digits_per_image: tuple[int, int] = (1, 3), seed: int = 0,
+    num_images: int = 240,
+    canvas: int = 96,
+    digits_per_image: tuple[int, int] = (1, 3),
+    seed: int = 0,
     validation_fraction: float = 0.2,
-) -> DatasetDict:  # fmt: skip
+) -> DatasetDict:
     """Canvases of `canvas` x `canvas` pixels holding 1-3 non-overlapping digits (24x24 each) on a noisy
     background. Columns: `image`, `image_id`, `objects` {`bbox` (x, y, w, h), `category` (0-9), `area`,
     `id`}, and `mask` (0 background, 1 + digit)."""
@@ -72,8 +75,12 @@ def digits_scenes(
             canvas_pixels[y : y + 24, x : x + 24] = np.maximum(canvas_pixels[y : y + 24, x : x + 24], digit)
             mask[y : y + 24, x : x + 24][ink] = target + 1
             rows, cols = np.nonzero(ink)
-            box = [float(x + cols.min()), float(y + rows.min()), float(cols.max() - cols.min() + 1),
-                   float(rows.max() - rows.min() + 1)]  # fmt: skip
+            box = [
+                float(x + cols.min()),
+                float(y + rows.min()),
+                float(cols.max() - cols.min() + 1),
+                float(rows.max() - rows.min() + 1),
+            ]
             objects["bbox"].append(box)
             objects["category"].append(target)
             objects["area"].append(box[2] * box[3])

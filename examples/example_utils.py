@@ -39,8 +39,10 @@ class ExampleError(SystemExit):
 class ModelArguments:
     model_name_or_path: str = field(
         default="tiny",
-        metadata={"help": "A converted directory, a Hub id (OpenGVLab's repos included), or a preset to train from "
-                          "scratch: tiny, t, s, b, l, xl, h, g."},  # fmt: skip
+        metadata={
+            "help": "A converted directory, a Hub id (OpenGVLab's repos included), or a preset to train from "
+            "scratch: tiny, t, s, b, l, xl, h, g."
+        },
     )
     config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's"})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded models"})
@@ -103,8 +105,10 @@ def check_model_source(name: str) -> None:
     except HFValidationError:
         looks_local = True
     if looks_local:
-        raise ExampleError(f"--model_name_or_path {name} is neither an existing directory, a preset (tiny, t, s, b, "
-                           "l, xl, h, g), nor a Hub id")  # fmt: skip
+        raise ExampleError(
+            f"--model_name_or_path {name} is neither an existing directory, a preset (tiny, t, s, b, "
+            "l, xl, h, g), nor a Hub id"
+        )
 
 
 def read_id2label(path: str) -> dict[int, str]:
@@ -115,8 +119,9 @@ def read_id2label(path: str) -> dict[int, str]:
     except (OSError, ValueError, AttributeError) as error:
         raise ExampleError(f"--id2label_file {path} is not a JSON object of class ids to names ({error})") from None
     if not id2label or sorted(id2label) != list(range(len(id2label))):
-        raise ExampleError(f"--id2label_file {path} must number its classes 0 to n-1 without gaps; it has ids "
-                           f"{sorted(id2label)[:10]}")  # fmt: skip
+        raise ExampleError(
+            f"--id2label_file {path} must number its classes 0 to n-1 without gaps; it has ids {sorted(id2label)[:10]}"
+        )
     if not all(isinstance(name, str) for name in id2label.values()):
         raise ExampleError(f"--id2label_file {path}: every class name must be a string")
     return id2label
@@ -216,8 +221,10 @@ def backbone_config(model_args: ModelArguments, out_features: list[str]) -> Inte
     the stages `out_features`."""
     config = load_config(model_args)
     if not isinstance(config, InternImageConfig):
-        raise ExampleError(f"{model_args.model_name_or_path} is a {config.model_type} model, not InternImage or the "
-                           "script's task model on an InternImage backbone")  # fmt: skip
+        raise ExampleError(
+            f"{model_args.model_name_or_path} is a {config.model_type} model, not InternImage or the "
+            "script's task model on an InternImage backbone"
+        )
     return InternImageConfig.from_dict({**config.to_dict(), "out_features": out_features, "out_indices": None})
 
 
@@ -225,8 +232,9 @@ def load_pretrained_backbone(backbone: torch.nn.Module, model_args: ModelArgumen
     """Start a new task model's backbone from the pretrained InternImage's weights (presets train from scratch)."""
     if is_preset(model_args.model_name_or_path):
         return
-    pretrained = InternImageBackbone.from_pretrained(model_args.model_name_or_path, out_features=out_features,
-                                                     token=model_args.token)  # fmt: skip
+    pretrained = InternImageBackbone.from_pretrained(
+        model_args.model_name_or_path, out_features=out_features, token=model_args.token
+    )
     backbone.load_state_dict(pretrained.state_dict())
 
 
@@ -241,8 +249,9 @@ def prepare_output_dir(training_args: TrainingArguments, output_args: OutputArgu
     output_dir = Path(training_args.output_dir)
     resuming = training_args.resume_from_checkpoint is not None
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_args.overwrite_output_dir or resuming):
-        raise ExampleError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir or "
-                           "--resume_from_checkpoint")  # fmt: skip
+        raise ExampleError(
+            f"output directory {output_dir} is not empty; pass --overwrite_output_dir or --resume_from_checkpoint"
+        )
 
 
 def make_trainer(model: torch.nn.Module, training_args: TrainingArguments, dataset, transforms, **trainer_kwargs):
@@ -267,14 +276,22 @@ def avoid_single_sample_batches(training_args: TrainingArguments, train_size: in
     on a batch of one sample; drop an incomplete last batch that would hold a single one."""
     per_process = math.ceil(train_size / training_args.world_size)
     if training_args.per_device_train_batch_size > 1 and per_process % training_args.per_device_train_batch_size == 1:
-        logger.info("dropping each epoch's last training batch: it would hold a single sample (%d samples per "
-                    "process, batches of %d)", per_process, training_args.per_device_train_batch_size)  # fmt: skip
+        logger.info(
+            "dropping each epoch's last training batch: it would hold a single sample (%d samples per "
+            "process, batches of %d)",
+            per_process,
+            training_args.per_device_train_batch_size,
+        )
         training_args.dataloader_drop_last = True
 
 
 def log_run_setup(training_args: TrainingArguments) -> None:
-    logger.info("training with %d process(es) on %s, output in %s", training_args.world_size, training_args.device,
-                training_args.output_dir)  # fmt: skip
+    logger.info(
+        "training with %d process(es) on %s, output in %s",
+        training_args.world_size,
+        training_args.device,
+        training_args.output_dir,
+    )
 
 
 def require_columns(dataset, columns: dict[str, str]) -> None:
@@ -311,8 +328,9 @@ def denormalized_image(pixel_values: torch.Tensor) -> np.ndarray:
     return (pixels * 255).clip(0, 255).astype(np.uint8)
 
 
-def check_reload(model: torch.nn.Module, model_class, output_dir: str, pixel_values: torch.Tensor,
-                 output: str = "logits") -> float:  # fmt: skip
+def check_reload(
+    model: torch.nn.Module, model_class, output_dir: str, pixel_values: torch.Tensor, output: str = "logits"
+) -> float:
     """Reload the saved model with `model_class.from_pretrained` and return the largest difference of `output`."""
     reloaded = model_class.from_pretrained(output_dir).to(model.device).eval()
     model.eval()
@@ -323,8 +341,17 @@ def check_reload(model: torch.nn.Module, model_class, output_dir: str, pixel_val
     return (getattr(actual, output) - getattr(expected, output)).abs().max().item()
 
 
-def finish_run(trainer, training_args: TrainingArguments, results: dict, *, auto_class, pixel_values: torch.Tensor,
-               metric: tuple[str, str], started: float, output: str = "logits") -> dict:  # fmt: skip
+def finish_run(
+    trainer,
+    training_args: TrainingArguments,
+    results: dict,
+    *,
+    auto_class,
+    pixel_values: torch.Tensor,
+    metric: tuple[str, str],
+    started: float,
+    output: str = "logits",
+) -> dict:
     """The scripts' common ending: after training, the main process reloads the saved model with `auto_class`,
     compares `output` on `pixel_values` and prints a summary with `metric` (result key, name); then every rank
     waits for the others and the process group closes."""
@@ -332,9 +359,11 @@ def finish_run(trainer, training_args: TrainingArguments, results: dict, *, auto
         difference = check_reload(trainer.model, auto_class, training_args.output_dir, pixel_values, output)
         results["reload_max_difference"] = difference
         key, name = metric
-        print(f"\nsummary: validation {name} {results.get(key, float('nan')):.4f}, {time.time() - started:.0f} s, "
-              f"model in {training_args.output_dir} (reloaded with {auto_class.__name__}, max {output} difference "
-              f"{difference:.1e})")  # fmt: skip
+        print(
+            f"\nsummary: validation {name} {results.get(key, float('nan')):.4f}, {time.time() - started:.0f} s, "
+            f"model in {training_args.output_dir} (reloaded with {auto_class.__name__}, max {output} difference "
+            f"{difference:.1e})"
+        )
     finish_distributed()
     return results
 

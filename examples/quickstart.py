@@ -51,8 +51,10 @@ def run(output_dir: Path, variant: str, overwrite: bool) -> None:
         shutil.rmtree(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    print(f"saved InternImage-{variant.upper()}-style model ({model.num_parameters() / 1e6:.2f} M parameters) "
-          f"to {output_dir}: {', '.join(sorted(p.name for p in output_dir.iterdir()))}")  # fmt: skip
+    print(
+        f"saved InternImage-{variant.upper()}-style model ({model.num_parameters() / 1e6:.2f} M parameters) "
+        f"to {output_dir}: {', '.join(sorted(p.name for p in output_dir.iterdir()))}"
+    )
 
     classifier = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     base = AutoModel.from_pretrained(output_dir).eval()

@@ -53,11 +53,37 @@ from modeling_internimage import InternImageForImageClassification, build_image_
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Training settings of the embedded digits demo; any flag given on the command line wins.
-DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "15", "--learning_rate", "2e-3",
-                 "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
-                 "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay",
-                 "0.05", "--warmup_steps", "40", "--lr_scheduler_type", "cosine", "--remove_unused_columns", "false",
-                 "--use_cpu", "--report_to", "none", "--seed", "0"]  # fmt: skip
+DEMO_DEFAULTS = [
+    "--do_train",
+    "--do_eval",
+    "--num_train_epochs",
+    "15",
+    "--learning_rate",
+    "2e-3",
+    "--per_device_train_batch_size",
+    "32",
+    "--per_device_eval_batch_size",
+    "64",
+    "--eval_strategy",
+    "epoch",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "20",
+    "--weight_decay",
+    "0.05",
+    "--warmup_steps",
+    "40",
+    "--lr_scheduler_type",
+    "cosine",
+    "--remove_unused_columns",
+    "false",
+    "--use_cpu",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+]
 
 
 @dataclass
@@ -111,16 +137,21 @@ def load_data(data_args: DataTrainingArguments, seed: int):
 
         dataset = digits_classification()
     dataset = finish_splits(dataset, data_args, seed)
-    require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
-                                       "label_column_name": data_args.label_column_name})  # fmt: skip
+    require_columns(
+        dataset["train"],
+        {"image_column_name": data_args.image_column_name, "label_column_name": data_args.label_column_name},
+    )
     dataset = encode_string_labels(dataset, data_args.label_column_name)
     label_feature = dataset["train"].features[data_args.label_column_name]
     if not isinstance(label_feature, ClassLabel):
-        raise ExampleError(f"--label_column_name '{data_args.label_column_name}' is not a class label column "
-                           f"({label_feature})")  # fmt: skip
+        raise ExampleError(
+            f"--label_column_name '{data_args.label_column_name}' is not a class label column ({label_feature})"
+        )
     if len(label_feature.names) < 2:
-        raise ExampleError(f"the label column '{data_args.label_column_name}' has {len(label_feature.names)} class; "
-                           "classification needs at least two")  # fmt: skip
+        raise ExampleError(
+            f"the label column '{data_args.label_column_name}' has {len(label_feature.names)} class; "
+            "classification needs at least two"
+        )
     return dataset, label_feature.names
 
 
@@ -133,12 +164,18 @@ def load_model_and_processor(model_args: ModelArguments, labels: list[str], imag
         processor = build_image_processor(size=image_size or 224)
     else:
         model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision, token=model_args.token,
-            trust_remote_code=model_args.trust_remote_code, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        )  # fmt: skip
+            model_args.model_name_or_path,
+            config=config,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        )
         try:
-            processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.model_name_or_path)
+            processor = AutoImageProcessor.from_pretrained(
+                model_args.image_processor_name or model_args.model_name_or_path
+            )
         except OSError:
             processor = build_image_processor(size=image_size or 224)
         if image_size is not None:
@@ -162,7 +199,9 @@ def make_transforms(data_args: DataTrainingArguments, processor):
     )
 
     def train_transform(batch):
-        images = [augment(image=np.asarray(image.convert("RGB")))["image"] for image in batch[data_args.image_column_name]]
+        images = [
+            augment(image=np.asarray(image.convert("RGB")))["image"] for image in batch[data_args.image_column_name]
+        ]
         batch["pixel_values"] = list(processor(images, return_tensors="pt")["pixel_values"])
         return batch
 
@@ -210,8 +249,12 @@ def save_confusion_matrix(predictions: np.ndarray, labels: np.ndarray, names: li
         draw.text((margin + row * cell + 4, 5), names[row][:5], fill="black")
         for column in range(count):
             shade = int(255 * (1 - matrix[row, column] / peak))
-            box = [margin + column * cell, margin + row * cell, margin + (column + 1) * cell - 1,
-                   margin + (row + 1) * cell - 1]  # fmt: skip
+            box = [
+                margin + column * cell,
+                margin + row * cell,
+                margin + (column + 1) * cell - 1,
+                margin + (row + 1) * cell - 1,
+            ]
             draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
             draw.text((box[0] + 6, box[1] + 11), str(matrix[row, column]), fill="black" if shade > 120 else "white")
     draw.text((5, margin - 20), "true \\ predicted", fill="black")
@@ -230,7 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = load_model_and_processor(model_args, labels, data_args.image_size)
     enable_hub_kernels(model, model_args)
     trainer = make_trainer(
-        model, training_args, dataset, make_transforms(data_args, processor),
+        model,
+        training_args,
+        dataset,
+        make_transforms(data_args, processor),
         processing_class=processor,
         data_collator=lambda examples: collate(examples, data_args.label_column_name),
         compute_metrics=accuracy_function(len(labels)),
@@ -239,15 +285,33 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_eval:
         prediction = trainer.predict(dataset["validation"], metric_key_prefix="confusion")  # every rank gathers
         if trainer.is_world_process_zero():
-            save_confusion_matrix(prediction.predictions, prediction.label_ids, labels,
-                                  Path(training_args.output_dir) / "confusion_matrix.png")  # fmt: skip
-    publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="image-classification",
-            dataset=data_args.dataset_name or "scikit-learn digits", tags=["image-classification", "internimage"])  # fmt: skip
+            save_confusion_matrix(
+                prediction.predictions,
+                prediction.label_ids,
+                labels,
+                Path(training_args.output_dir) / "confusion_matrix.png",
+            )
+    publish(
+        trainer,
+        training_args,
+        finetuned_from=model_args.model_name_or_path,
+        tasks="image-classification",
+        dataset=data_args.dataset_name or "scikit-learn digits",
+        tags=["image-classification", "internimage"],
+    )
 
-    batch = collate([dataset["validation"][idx] for idx in range(min(4, len(dataset["validation"])))],
-                    data_args.label_column_name)  # fmt: skip
-    return finish_run(trainer, training_args, results, auto_class=AutoModelForImageClassification,
-                      pixel_values=batch["pixel_values"], metric=("eval_accuracy", "accuracy"), started=started)  # fmt: skip
+    batch = collate(
+        [dataset["validation"][idx] for idx in range(min(4, len(dataset["validation"])))], data_args.label_column_name
+    )
+    return finish_run(
+        trainer,
+        training_args,
+        results,
+        auto_class=AutoModelForImageClassification,
+        pixel_values=batch["pixel_values"],
+        metric=("eval_accuracy", "accuracy"),
+        started=started,
+    )
 
 
 if __name__ == "__main__":

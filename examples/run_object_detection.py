@@ -65,11 +65,39 @@ import modeling_internimage  # noqa: F401  (registers InternImage with the Auto 
 
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage2", "stage3", "stage4"]
-DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "60", "--learning_rate", "1e-3",
-                 "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
-                 "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay", "1e-4",
-                 "--warmup_steps", "50", "--lr_scheduler_type", "cosine", "--max_grad_norm", "0.1",
-                 "--remove_unused_columns", "false", "--use_cpu", "--report_to", "none", "--seed", "0"]  # fmt: skip
+DEMO_DEFAULTS = [
+    "--do_train",
+    "--do_eval",
+    "--num_train_epochs",
+    "60",
+    "--learning_rate",
+    "1e-3",
+    "--per_device_train_batch_size",
+    "16",
+    "--per_device_eval_batch_size",
+    "32",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "20",
+    "--weight_decay",
+    "1e-4",
+    "--warmup_steps",
+    "50",
+    "--lr_scheduler_type",
+    "cosine",
+    "--max_grad_norm",
+    "0.1",
+    "--remove_unused_columns",
+    "false",
+    "--use_cpu",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+]
 
 
 @dataclass
@@ -83,7 +111,16 @@ class DataTrainingArguments(DataArguments):
 
 
 def parse_arguments(argv: list[str]):
-    demo = DEMO_DEFAULTS + ["--image_size", "96", "--detector_width", "64", "--num_queries", "30", "--decoder_layers", "3"]
+    demo = DEMO_DEFAULTS + [
+        "--image_size",
+        "96",
+        "--detector_width",
+        "64",
+        "--num_queries",
+        "30",
+        "--decoder_layers",
+        "3",
+    ]
     return parse_example_arguments(DataTrainingArguments, argv, demo)
 
 
@@ -100,8 +137,10 @@ def load_data(data_args: DataTrainingArguments, seed: int):
 
         dataset = digits_scenes()
     dataset = finish_splits(dataset, data_args, seed)
-    require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
-                                       "objects_column_name": data_args.objects_column_name})  # fmt: skip
+    require_columns(
+        dataset["train"],
+        {"image_column_name": data_args.image_column_name, "objects_column_name": data_args.objects_column_name},
+    )
     return dataset, class_names(dataset, data_args)
 
 
@@ -153,10 +192,14 @@ def class_names(dataset, data_args: DataTrainingArguments) -> list[str]:
         id2label = read_id2label(data_args.id2label_file)
         return [id2label[idx] for idx in range(len(id2label))]
     category = dataset["train"].features[data_args.objects_column_name]["category"]
-    feature = category.feature if isinstance(category, Sequence) else category[0] if isinstance(category, list) else None
+    feature = (
+        category.feature if isinstance(category, Sequence) else category[0] if isinstance(category, list) else None
+    )
     if isinstance(feature, ClassLabel):
         return feature.names
-    largest = max((max(objects["category"], default=-1) for objects in dataset["train"][data_args.objects_column_name]))
+    largest = max(
+        (max(objects["category"], default=-1) for objects in dataset["train"][data_args.objects_column_name])
+    )
     return [str(idx) for idx in range(largest + 1)]
 
 
@@ -169,11 +212,14 @@ def check_boxes(dataset, data_args: DataTrainingArguments, num_classes: int) -> 
             for box, category in zip(objects["bbox"], objects["category"]):
                 x, y, w, h = box
                 if w <= 0 or h <= 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
-                    raise ExampleError(f"{split} example {index}: box {list(box)} (x, y, w, h) lies outside its "
-                                       f"{width}x{height} image")  # fmt: skip
+                    raise ExampleError(
+                        f"{split} example {index}: box {list(box)} (x, y, w, h) lies outside its "
+                        f"{width}x{height} image"
+                    )
                 if not 0 <= category < num_classes:
-                    raise ExampleError(f"{split} example {index}: category {category} is not among the "
-                                       f"{num_classes} classes")  # fmt: skip
+                    raise ExampleError(
+                        f"{split} example {index}: category {category} is not among the {num_classes} classes"
+                    )
 
 
 def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, labels: list[str]):
@@ -181,25 +227,43 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, la
     label2id = {name: idx for idx, name in id2label.items()}
     name = model_args.model_name_or_path
     if not is_preset(name):
-        source_config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code,
-                                                   token=model_args.token, revision=model_args.model_revision)  # fmt: skip
+        source_config = AutoConfig.from_pretrained(
+            name,
+            trust_remote_code=model_args.trust_remote_code,
+            token=model_args.token,
+            revision=model_args.model_revision,
+        )
         if source_config.model_type != "internimage":
             check_query_count(source_config.num_queries, data_args.image_size, f"{name}'s num_queries")
             return AutoModelForObjectDetection.from_pretrained(
-                name, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                name,
+                id2label=id2label,
+                label2id=label2id,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
                 token=model_args.token,
-            )  # fmt: skip
+            )
     check_query_count(data_args.num_queries, data_args.image_size, "--num_queries")
     backbone = backbone_config(model_args, BACKBONE_STAGES)
     width = data_args.detector_width
     config = RTDetrConfig(
-        backbone_config=backbone, encoder_in_channels=backbone.stage_channels[1:],
-        feat_strides=[8, 16, 32], encoder_hidden_dim=width, d_model=width, decoder_in_channels=[width] * 3,
-        encoder_ffn_dim=4 * width, decoder_ffn_dim=4 * width, encoder_attention_heads=max(width // 32, 1),
-        decoder_attention_heads=max(width // 32, 1), num_queries=data_args.num_queries,
-        decoder_layers=data_args.decoder_layers, num_denoising=min(100, 2 * data_args.num_queries),
-        num_labels=len(labels), id2label=id2label, label2id=label2id, anchor_image_size=None,
-    )  # fmt: skip
+        backbone_config=backbone,
+        encoder_in_channels=backbone.stage_channels[1:],
+        feat_strides=[8, 16, 32],
+        encoder_hidden_dim=width,
+        d_model=width,
+        decoder_in_channels=[width] * 3,
+        encoder_ffn_dim=4 * width,
+        decoder_ffn_dim=4 * width,
+        encoder_attention_heads=max(width // 32, 1),
+        decoder_attention_heads=max(width // 32, 1),
+        num_queries=data_args.num_queries,
+        decoder_layers=data_args.decoder_layers,
+        num_denoising=min(100, 2 * data_args.num_queries),
+        num_labels=len(labels),
+        id2label=id2label,
+        label2id=label2id,
+        anchor_image_size=None,
+    )
     model = RTDetrForObjectDetection(config)
     load_pretrained_backbone(model.model.backbone.model, model_args, BACKBONE_STAGES)
     return model
@@ -209,16 +273,25 @@ def check_query_count(num_queries: int, image_size: int, what: str) -> None:
     """RT-DETR selects its queries among the encoder's tokens at strides 8, 16 and 32."""
     tokens = sum((image_size // stride) ** 2 for stride in (8, 16, 32))
     if not 1 <= num_queries <= tokens:
-        raise ExampleError(f"{what} {num_queries} must lie between 1 and the {tokens} encoder tokens at "
-                           f"--image_size {image_size}: lower --num_queries or raise --image_size")  # fmt: skip
+        raise ExampleError(
+            f"{what} {num_queries} must lie between 1 and the {tokens} encoder tokens at "
+            f"--image_size {image_size}: lower --num_queries or raise --image_size"
+        )
 
 
 def make_transforms(data_args: DataTrainingArguments):
     size = data_args.image_size
     boxes = A.BboxParams(format="coco", label_fields=["category"], clip=True, min_area=4, min_visibility=0.3)
     normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    train = A.Compose([A.Resize(size, size), A.Affine(scale=(0.8, 1.2), translate_percent=0.1, p=0.7),
-                       A.RandomBrightnessContrast(p=0.3), normalize], bbox_params=boxes)  # fmt: skip
+    train = A.Compose(
+        [
+            A.Resize(size, size),
+            A.Affine(scale=(0.8, 1.2), translate_percent=0.1, p=0.7),
+            A.RandomBrightnessContrast(p=0.3),
+            normalize,
+        ],
+        bbox_params=boxes,
+    )
     evaluate = A.Compose([A.Resize(size, size), normalize], bbox_params=boxes)
 
     def apply(batch, augment):
@@ -235,7 +308,10 @@ def make_transforms(data_args: DataTrainingArguments):
 
 
 def collate(examples) -> dict:
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "labels": [e["labels"] for e in examples]}
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": [e["labels"] for e in examples],
+    }
 
 
 def detections(logits: torch.Tensor, boxes: torch.Tensor, size: int, top_k: int = 100) -> list[dict]:
@@ -268,14 +344,27 @@ def coco_map(predictions: list[dict], targets: list[dict], num_classes: int) -> 
     for image_id, target in enumerate(targets):
         for label, box in zip(target["labels"], target["boxes"]):
             x, y, w, h = xywh(box)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
-    ground_truth.dataset = {"images": [{"id": idx} for idx in range(len(targets))], "annotations": annotations,
-                            "categories": [{"id": idx} for idx in range(num_classes)]}  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    ground_truth.dataset = {
+        "images": [{"id": idx} for idx in range(len(targets))],
+        "annotations": annotations,
+        "categories": [{"id": idx} for idx in range(num_classes)],
+    }
     ground_truth.createIndex()
-    detected = [{"image_id": image_id, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
-                for image_id, found in enumerate(predictions)
-                for label, box, score in zip(found["labels"], found["boxes"], found["scores"])]  # fmt: skip
+    detected = [
+        {"image_id": image_id, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
+        for image_id, found in enumerate(predictions)
+        for label, box, score in zip(found["labels"], found["boxes"], found["scores"])
+    ]
     if not detected or not annotations:
         return {"map": 0.0, "map_50": 0.0, "map_75": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -287,17 +376,23 @@ def coco_map(predictions: list[dict], targets: list[dict], num_classes: int) -> 
 
 
 def map_function(image_size: int, num_classes: int):
-    logger.info("mAP is computed by pycocotools (COCO protocol; evaluate has no maintained detection metric and "
-                "torchmetrics' needs torchvision)")  # fmt: skip
+    logger.info(
+        "mAP is computed by pycocotools (COCO protocol; evaluate has no maintained detection metric and "
+        "torchmetrics' needs torchvision)"
+    )
 
     def compute_metrics(prediction):
         predicted, expected = [], []
         for batch_outputs, targets in zip(prediction.predictions, prediction.label_ids):
             logits, boxes = batch_outputs
             predicted += detections(torch.as_tensor(logits), torch.as_tensor(boxes), image_size)
-            expected += [{"labels": torch.as_tensor(t["class_labels"]),
-                          "boxes": center_to_corners_format(torch.as_tensor(t["boxes"])) * image_size}
-                         for t in targets]  # fmt: skip
+            expected += [
+                {
+                    "labels": torch.as_tensor(t["class_labels"]),
+                    "boxes": center_to_corners_format(torch.as_tensor(t["boxes"])) * image_size,
+                }
+                for t in targets
+            ]
         return coco_map(predicted, expected, num_classes)
 
     return compute_metrics
@@ -325,7 +420,9 @@ def save_predictions(model, dataset, size: int, names: list[str], path: Path, co
             if score < 0.35:
                 continue
             draw.rectangle([float(v) * 2 for v in box], outline=(255, 60, 60), width=2)
-            draw.text((float(box[0]) * 2 + 2, float(box[1]) * 2 + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0))
+            draw.text(
+                (float(box[0]) * 2 + 2, float(box[1]) * 2 + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0)
+            )
         tiles.append(np.asarray(tile))
     Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
 
@@ -343,21 +440,43 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(model_args, data_args, labels)
     enable_hub_kernels(model, model_args)
     trainer = make_trainer(
-        model, training_args, dataset, make_transforms(data_args),
+        model,
+        training_args,
+        dataset,
+        make_transforms(data_args),
         data_collator=collate,
         compute_metrics=map_function(data_args.image_size, len(labels)),
         preprocess_logits_for_metrics=logits_and_boxes,
     )
     results = train_and_evaluate(trainer, training_args)
     if training_args.do_eval and trainer.is_world_process_zero():
-        save_predictions(trainer.model, dataset["validation"], data_args.image_size, labels,
-                         Path(training_args.output_dir) / "predictions.png")  # fmt: skip
-    publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="object-detection",
-            dataset=data_args.dataset_name or "scikit-learn digits scenes", tags=["rt-detr", "internimage"])  # fmt: skip
+        save_predictions(
+            trainer.model,
+            dataset["validation"],
+            data_args.image_size,
+            labels,
+            Path(training_args.output_dir) / "predictions.png",
+        )
+    publish(
+        trainer,
+        training_args,
+        finetuned_from=model_args.model_name_or_path,
+        tasks="object-detection",
+        dataset=data_args.dataset_name or "scikit-learn digits scenes",
+        tags=["rt-detr", "internimage"],
+    )
 
     pixel_values = collate([dataset["validation"][0]])["pixel_values"]
-    return finish_run(trainer, training_args, results, auto_class=AutoModelForObjectDetection,
-                      pixel_values=pixel_values, metric=("eval_map", "mAP"), started=started, output="pred_boxes")  # fmt: skip
+    return finish_run(
+        trainer,
+        training_args,
+        results,
+        auto_class=AutoModelForObjectDetection,
+        pixel_values=pixel_values,
+        metric=("eval_map", "mAP"),
+        started=started,
+        output="pred_boxes",
+    )
 
 
 if __name__ == "__main__":

@@ -62,11 +62,37 @@ import modeling_internimage  # noqa: F401  (registers InternImage with the Auto 
 
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage1", "stage2", "stage3", "stage4"]
-DEMO_DEFAULTS = ["--do_train", "--do_eval", "--num_train_epochs", "100", "--learning_rate", "2e-3",
-                 "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
-                 "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "20", "--weight_decay", "0.01",
-                 "--warmup_steps", "30", "--lr_scheduler_type", "cosine", "--remove_unused_columns", "false",
-                 "--use_cpu", "--report_to", "none", "--seed", "0"]  # fmt: skip
+DEMO_DEFAULTS = [
+    "--do_train",
+    "--do_eval",
+    "--num_train_epochs",
+    "100",
+    "--learning_rate",
+    "2e-3",
+    "--per_device_train_batch_size",
+    "16",
+    "--per_device_eval_batch_size",
+    "32",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "20",
+    "--weight_decay",
+    "0.01",
+    "--warmup_steps",
+    "30",
+    "--lr_scheduler_type",
+    "cosine",
+    "--remove_unused_columns",
+    "false",
+    "--use_cpu",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+]
 
 
 @dataclass
@@ -96,8 +122,9 @@ def folder_dataset(directory: str, role: str) -> Dataset:
         raise ExampleError(f"--{role}: no mask in {masks_dir} for {', '.join(missing[:5])}")
     check_image_files([*images, *(masks[path.stem] for path in images)], role)
     features = Features({"image": ImageFeature(), "mask": ImageFeature()})
-    return Dataset.from_dict({"image": [str(p) for p in images], "mask": [str(masks[p.stem]) for p in images]},
-                             features=features)  # fmt: skip
+    return Dataset.from_dict(
+        {"image": [str(p) for p in images], "mask": [str(masks[p.stem]) for p in images]}, features=features
+    )
 
 
 def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[DatasetDict, dict[int, str]]:
@@ -114,8 +141,10 @@ def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[DatasetDict,
         dataset = digits_scenes()
         id2label = {0: "background", **{idx + 1: name for idx, name in enumerate(DIGIT_NAMES)}}
     dataset = finish_splits(dataset, data_args, seed)
-    require_columns(dataset["train"], {"image_column_name": data_args.image_column_name,
-                                       "label_column_name": data_args.label_column_name})  # fmt: skip
+    require_columns(
+        dataset["train"],
+        {"image_column_name": data_args.image_column_name, "label_column_name": data_args.label_column_name},
+    )
     if data_args.id2label_file:
         id2label = read_id2label(data_args.id2label_file)
     # Local masks are all checked; of a Hub dataset, a sample of each split.
@@ -129,16 +158,20 @@ def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[DatasetDict,
         raise ExampleError("the masks hold fewer than two classes; segmentation needs at least two")
     for split, class_id in largest.items():
         if class_id - int(data_args.reduce_labels) >= len(id2label):
-            raise ExampleError(f"{split} masks hold class id {class_id}, but there are {len(id2label)} classes "
-                               "(--id2label_file, --reduce_labels)")  # fmt: skip
+            raise ExampleError(
+                f"{split} masks hold class id {class_id}, but there are {len(id2label)} classes "
+                "(--id2label_file, --reduce_labels)"
+            )
     return dataset, id2label
 
 
 def mask_class_ids(mask: Image.Image) -> np.ndarray:
     """The class-index array of a mask; colour masks are refused (their luminance is no class id)."""
     if mask.mode not in ("L", "P", "I", "I;16", "1"):
-        raise ExampleError(f"masks must be single-channel class-index images (mode L, P or I); got a {mask.mode} "
-                           "mask. Convert colour masks to class ids first")  # fmt: skip
+        raise ExampleError(
+            f"masks must be single-channel class-index images (mode L, P or I); got a {mask.mode} "
+            "mask. Convert colour masks to class ids first"
+        )
     return np.asarray(mask, dtype=np.int64)
 
 
@@ -157,18 +190,31 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, id
     label2id = {name: idx for idx, name in id2label.items()}
     name = model_args.model_name_or_path
     if not is_preset(name):
-        source_config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code,
-                                                   token=model_args.token, revision=model_args.model_revision)  # fmt: skip
+        source_config = AutoConfig.from_pretrained(
+            name,
+            trust_remote_code=model_args.trust_remote_code,
+            token=model_args.token,
+            revision=model_args.model_revision,
+        )
         if source_config.model_type == "upernet":
             return AutoModelForSemanticSegmentation.from_pretrained(
-                name, num_labels=len(id2label), id2label=id2label, label2id=label2id,
-                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, token=model_args.token,
-            )  # fmt: skip
+                name,
+                num_labels=len(id2label),
+                id2label=id2label,
+                label2id=label2id,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                token=model_args.token,
+            )
     config = UperNetConfig(
-        backbone_config=backbone_config(model_args, BACKBONE_STAGES), num_labels=len(id2label), id2label=id2label,
-        label2id=label2id, hidden_size=data_args.decode_hidden_size, auxiliary_in_channels=None,
-        auxiliary_channels=max(data_args.decode_hidden_size // 2, 16), use_auxiliary_head=True,
-    )  # fmt: skip
+        backbone_config=backbone_config(model_args, BACKBONE_STAGES),
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id=label2id,
+        hidden_size=data_args.decode_hidden_size,
+        auxiliary_in_channels=None,
+        auxiliary_channels=max(data_args.decode_hidden_size // 2, 16),
+        use_auxiliary_head=True,
+    )
     model = UperNetForSemanticSegmentation(config)
     load_pretrained_backbone(model.backbone, model_args, BACKBONE_STAGES)
     return model
@@ -204,15 +250,21 @@ def collate(examples) -> dict:
 def mean_iou_function(num_labels: int):
     from torchmetrics.segmentation import MeanIoU
 
-    metric, library = load_metric("mean_iou", lambda: MeanIoU(num_classes=num_labels, input_format="index",
-                                                            per_class=False))  # fmt: skip
+    metric, library = load_metric(
+        "mean_iou", lambda: MeanIoU(num_classes=num_labels, input_format="index", per_class=False)
+    )
     logger.info("mean IoU is computed by %s", library)
 
     def compute_metrics(prediction):
         predicted, labels = prediction.predictions, prediction.label_ids
         if library == "evaluate":
-            scores = metric.compute(predictions=list(predicted), references=list(labels), num_labels=num_labels,
-                                    ignore_index=255, reduce_labels=False)  # fmt: skip
+            scores = metric.compute(
+                predictions=list(predicted),
+                references=list(labels),
+                num_labels=num_labels,
+                ignore_index=255,
+                reduce_labels=False,
+            )
             return {"mean_iou": float(scores["mean_iou"]), "overall_accuracy": float(scores["overall_accuracy"])}
         valid = labels != 255
         metric.reset()
@@ -251,8 +303,10 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_image_size(data_args.image_size)
     if training_args.do_train and training_args.per_device_train_batch_size < 2:
-        raise ExampleError("--per_device_train_batch_size must be 2 or more: UperNet's pooling module ends in "
-                           "BatchNorm over 1x1 maps, which cannot train on a single image")  # fmt: skip
+        raise ExampleError(
+            "--per_device_train_batch_size must be 2 or more: UperNet's pooling module ends in "
+            "BatchNorm over 1x1 maps, which cannot train on a single image"
+        )
     prepare_output_dir(training_args, output_args)
     log_run_setup(training_args)
     started = time.time()
@@ -261,7 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(model_args, data_args, id2label)
     enable_hub_kernels(model, model_args)
     trainer = make_trainer(
-        model, training_args, dataset, make_transforms(data_args),
+        model,
+        training_args,
+        dataset,
+        make_transforms(data_args),
         data_collator=collate,
         compute_metrics=mean_iou_function(len(id2label)),
         preprocess_logits_for_metrics=predicted_classes,
@@ -269,12 +326,25 @@ def main(argv: list[str] | None = None) -> dict:
     results = train_and_evaluate(trainer, training_args)
     if training_args.do_eval and trainer.is_world_process_zero():
         save_overlays(trainer.model, dataset["validation"], Path(training_args.output_dir) / "predictions.png")
-    publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="image-segmentation",
-            dataset=data_args.dataset_name or "scikit-learn digits scenes", tags=["upernet", "internimage"])  # fmt: skip
+    publish(
+        trainer,
+        training_args,
+        finetuned_from=model_args.model_name_or_path,
+        tasks="image-segmentation",
+        dataset=data_args.dataset_name or "scikit-learn digits scenes",
+        tags=["upernet", "internimage"],
+    )
 
     batch = collate([dataset["validation"][idx] for idx in range(min(2, len(dataset["validation"])))])
-    return finish_run(trainer, training_args, results, auto_class=AutoModelForSemanticSegmentation,
-                      pixel_values=batch["pixel_values"], metric=("eval_mean_iou", "mean IoU"), started=started)  # fmt: skip
+    return finish_run(
+        trainer,
+        training_args,
+        results,
+        auto_class=AutoModelForSemanticSegmentation,
+        pixel_values=batch["pixel_values"],
+        metric=("eval_mean_iou", "mean IoU"),
+        started=started,
+    )
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def variant_name(backend: str) -> str:
 
 def source_revision(kernel_dir: Path) -> str:
     """Short git revision of the kernel sources, with `_dirty` when they have uncommitted changes."""
+
     def git(*args: str) -> str:
         try:
             result = subprocess.run(["git", *args], cwd=kernel_dir, capture_output=True, text=True)
@@ -122,8 +123,9 @@ def compile_library(kernel_dir: Path, build: dict, backend: str, ops_name: str, 
     return work_dir / f"{ops_name}.so"
 
 
-def write_variant(kernel_dir: Path, build: dict, backend: str, library: Path, ops_name: str, variant_dir: Path,
-                  archs: list[str]) -> None:  # fmt: skip
+def write_variant(
+    kernel_dir: Path, build: dict, backend: str, library: Path, ops_name: str, variant_dir: Path, archs: list[str]
+) -> None:
     name = build["general"]["name"]
     package_dir = kernel_dir / "torch-ext" / name.replace("-", "_")
     shutil.copytree(package_dir, variant_dir, ignore=shutil.ignore_patterns("__pycache__"))

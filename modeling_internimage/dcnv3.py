@@ -99,9 +99,23 @@ def dcnv3_core_pytorch(
     compute_dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
 
     base = _sampling_grid_base(
-        height_out, width_out, height_in, width_in, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-        dilation_h, dilation_w, offset_scale, remove_center, compute_dtype, value.device,
-    )  # fmt: skip
+        height_out,
+        width_out,
+        height_in,
+        width_in,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        offset_scale,
+        remove_center,
+        compute_dtype,
+        value.device,
+    )
     # Offsets are in pixels times offset_scale; grid units are 2 / size per pixel.
     offset_to_grid = torch.tensor(
         [2 * offset_scale / width_in, 2 * offset_scale / height_in], dtype=compute_dtype, device=value.device
@@ -126,9 +140,7 @@ def dcnv3_core_pytorch(
     return output.contiguous().to(output_dtype)
 
 
-def check_dcnv3_inputs(
-    value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, core: "DCNv3Core"
-) -> None:
+def check_dcnv3_inputs(value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, core: "DCNv3Core") -> None:
     """Raise a ValueError naming the first inconsistency between the tensors and the operator's settings."""
     for name in ("kernel_size", "stride", "dilation", "group", "group_channels"):
         if getattr(core, name) < 1:
@@ -195,10 +207,22 @@ class DCNv3Core(nn.Module):
     def forward(self, value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         check_dcnv3_inputs(value, offset, mask, self)
         return dcnv3_core_pytorch(
-            value, offset, mask,
-            self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad,
-            self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center,
-        )  # fmt: skip
+            value,
+            offset,
+            mask,
+            self.kernel_size,
+            self.kernel_size,
+            self.stride,
+            self.stride,
+            self.pad,
+            self.pad,
+            self.dilation,
+            self.dilation,
+            self.group,
+            self.group_channels,
+            self.offset_scale,
+            self.remove_center,
+        )
 
     def extra_repr(self) -> str:
         return (

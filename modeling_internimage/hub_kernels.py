@@ -147,8 +147,11 @@ def use_hub_kernels(
     if not uses_hub_kernel(model) and not strict:
         logger.warning(
             "No compatible DCNv3 hub kernel build for this system (torch %s, %s, mode %s); InternImage keeps the "
-            "PyTorch DCNv3 operator.", torch.__version__, device, mode,
-        )  # fmt: skip
+            "PyTorch DCNv3 operator.",
+            torch.__version__,
+            device,
+            mode,
+        )
     return model
 
 

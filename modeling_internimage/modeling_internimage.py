@@ -114,9 +114,7 @@ def runs_on_onednn(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
     return onednn_linear_op() is not None
 
 
-def onednn_linear(
-    hidden_states: torch.Tensor, linear: nn.Linear, activation: nn.Module | None = None
-) -> torch.Tensor:
+def onednn_linear(hidden_states: torch.Tensor, linear: nn.Linear, activation: nn.Module | None = None) -> torch.Tensor:
     """`activation(linear(hidden_states))` as one oneDNN op, where `runs_on_onednn` allows it and oneDNN fuses the
     activation (`_onednn_post_op`)."""
     post_op, algorithm = ("none", "") if activation is None else _onednn_post_op(activation)
@@ -632,7 +630,9 @@ class InternImageModel(InternImagePreTrainedModel):
         super().__init__(config)
         self.embeddings = InternImageEmbeddings(config)
         self.encoder = InternImageEncoder(config)
-        self.pooler = InternImageAttentionPooler(config) if config.use_clip_projector else InternImageConvPooler(config)
+        self.pooler = (
+            InternImageAttentionPooler(config) if config.use_clip_projector else InternImageConvPooler(config)
+        )
         self.post_init()
 
     def forward(
@@ -732,9 +732,7 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
         embedding_output = self.embeddings(pixel_values)
         hidden_states = (embedding_output, *self.encoder(embedding_output))
         feature_maps = tuple(
-            hidden_state
-            for stage, hidden_state in zip(self.stage_names, hidden_states)
-            if stage in self.out_features
+            hidden_state for stage, hidden_state in zip(self.stage_names, hidden_states) if stage in self.out_features
         )
         if not return_dict:
             return (feature_maps, hidden_states) if output_hidden_states else (feature_maps,)

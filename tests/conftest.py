@@ -38,10 +38,21 @@ def _fetch_common_tests(target: Path) -> None:
     version = transformers.__version__
     with tempfile.TemporaryDirectory() as download_dir:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"transformers=={version}", "-d", download_dir],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"transformers=={version}",
+                "-d",
+                download_dir,
+            ],
             check=True,
-        )  # fmt: skip
+        )
         archive = next(Path(download_dir).glob("transformers-*.tar.gz"))
         staging = Path(tempfile.mkdtemp(dir=target.parent))
         with tarfile.open(archive) as tar:
@@ -119,10 +130,19 @@ def run_as_remote_code(model_dir: Path, pixel_values, work_dir: Path) -> dict:
     (work_dir / "load_remote.py").write_text(REMOTE_CODE_SCRIPT)
     env = {**os.environ, "HF_MODULES_CACHE": str(work_dir / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, str(work_dir / "load_remote.py"), str(model_dir), str(work_dir / "inputs.pt"),
-         str(work_dir / "outputs.pt")],
-        cwd=work_dir, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(work_dir / "load_remote.py"),
+            str(model_dir),
+            str(work_dir / "inputs.pt"),
+            str(work_dir / "outputs.pt"),
+        ],
+        cwd=work_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(work_dir / "outputs.pt")
 

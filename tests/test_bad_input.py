@@ -40,18 +40,39 @@ SMALL = {"channels": 16, "depths": [1, 1, 1, 1], "groups": [1, 2, 4, 8]}
 
 # --- configuration -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("channels", 0), ("channels", -16), ("channels", 16.0), ("channels", "16"), ("channels", True),
-        ("groups", [1.0, 2, 4, 8]), ("depths", "1111"), ("depths", [1, 1, "2", 1]), ("dw_kernel_size", 3.0),
-        ("layer_scale", "1e-5"), ("layer_scale", math.inf), ("remove_center", "no"), ("post_norm", 1),
-        ("layer_norm_eps", 0.0), ("layer_norm_eps", -1e-6), ("offset_scale", math.nan), ("offset_scale", 0.0),
-        ("offset_scale", -1.0), ("offset_scale", math.inf), ("mlp_ratio", 0.0), ("cls_scale", 0.0),
-        ("num_labels", -1), ("num_classes", "ten"), ("drop_path_rate", 1.5), ("num_channels", 0),
-        ("auto_map", "configuration_internimage.InternImageConfig"), ("act_layer", 3),
+        ("channels", 0),
+        ("channels", -16),
+        ("channels", 16.0),
+        ("channels", "16"),
+        ("channels", True),
+        ("groups", [1.0, 2, 4, 8]),
+        ("depths", "1111"),
+        ("depths", [1, 1, "2", 1]),
+        ("dw_kernel_size", 3.0),
+        ("layer_scale", "1e-5"),
+        ("layer_scale", math.inf),
+        ("remove_center", "no"),
+        ("post_norm", 1),
+        ("layer_norm_eps", 0.0),
+        ("layer_norm_eps", -1e-6),
+        ("offset_scale", math.nan),
+        ("offset_scale", 0.0),
+        ("offset_scale", -1.0),
+        ("offset_scale", math.inf),
+        ("mlp_ratio", 0.0),
+        ("cls_scale", 0.0),
+        ("num_labels", -1),
+        ("num_classes", "ten"),
+        ("drop_path_rate", 1.5),
+        ("num_channels", 0),
+        ("auto_map", "configuration_internimage.InternImageConfig"),
+        ("act_layer", 3),
     ],
-)  # fmt: skip
+)
 def test_config_values_that_cannot_build_a_sound_model_name_the_field(field, value):
     named = "num_labels" if field == "num_classes" else field
     with pytest.raises(ValueError, match=f"`{named}`"):
@@ -89,13 +110,15 @@ def test_bad_config_json_is_named_through_remote_code(tmp_path):
         f"AutoModelForImageClassification.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)\n"
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode != 0
     assert "ValueError: `channels` must be of type int; got '16'" in result.stderr, result.stderr[-2000:]
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small_classifier():
@@ -126,6 +149,7 @@ def test_labels_as_a_python_list_are_accepted(small_classifier):
 
 
 # --- DCNv3 operator and CPU kernel ---------------------------------------------------------------------------------
+
 
 def test_core_accepts_non_contiguous_offsets_and_weights():
     core = DCNv3Core(group=2, group_channels=4)
@@ -189,9 +213,14 @@ def _with_gradients(operator, value, offset, mask, group, depth, scale):
 @pytest.mark.parametrize("group, depth", [(2, 16), (1, 64), (2, 5)])  # vectorised footprints, and the generic loop
 @pytest.mark.parametrize(
     "case",
-    ["inf value at the first pixel", "nan value at the border", "nan and inf offsets",
-     "nan weight of a point outside the map", "nan offset_scale"],
-)  # fmt: skip
+    [
+        "inf value at the first pixel",
+        "nan value at the border",
+        "nan and inf offsets",
+        "nan weight of a point outside the map",
+        "nan offset_scale",
+    ],
+)
 def test_kernel_propagates_non_finite_numbers_as_the_pytorch_operator(kernel, case, group, depth):
     """A non-finite value changes only the outputs whose footprint covers it, a non-finite location or weight gives
     NaN: the kernel's outputs and gradients are non-finite exactly where the PyTorch operator's are, and agree
@@ -215,13 +244,21 @@ def test_kernel_propagates_non_finite_numbers_as_the_pytorch_operator(kernel, ca
 
 # --- converter -----------------------------------------------------------------------------------------------------
 
+
 def convert(*args) -> int:
     return converter.main([str(arg) for arg in args])
 
 
 def tiny_t_args(fixtures_dir, output_dir, *extra):
-    return ["--checkpoint", fixtures_dir / "models" / "tiny_t.safetensors", "--original-config",
-            fixtures_dir / "models" / "tiny_t.json", "--output-dir", output_dir, *extra]  # fmt: skip
+    return [
+        "--checkpoint",
+        fixtures_dir / "models" / "tiny_t.safetensors",
+        "--original-config",
+        fixtures_dir / "models" / "tiny_t.json",
+        "--output-dir",
+        output_dir,
+        *extra,
+    ]
 
 
 def one_error_line(capsys) -> str:
@@ -253,8 +290,9 @@ def assert_unchanged(target: Path, contents: dict) -> None:
         (["--variant", "q"], "Unknown InternImage variant"),
     ],
 )
-def test_every_flag_is_checked_before_the_old_output_is_touched(flags, message, fixtures_dir, existing_output,
-                                                                  tmp_path, capsys):  # fmt: skip
+def test_every_flag_is_checked_before_the_old_output_is_touched(
+    flags, message, fixtures_dir, existing_output, tmp_path, capsys
+):
     target, contents = existing_output
     (tmp_path / "labels.json").write_text("{not json")
     flags = [str(tmp_path / "labels.json") if flag == "LABELS" else flag for flag in flags]
@@ -294,14 +332,20 @@ def test_two_concurrent_conversions_to_one_target_one_wins(fixtures_dir, tmp_pat
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out.")]
 
 
-@pytest.mark.parametrize("where", ["is the checkpoint directory", "holds the checkpoint", "is the cwd", "holds the cwd"])
+@pytest.mark.parametrize(
+    "where", ["is the checkpoint directory", "holds the checkpoint", "is the cwd", "holds the cwd"]
+)
 def test_output_dir_overlapping_what_is_read_is_refused(where, fixtures_dir, tmp_path, monkeypatch, capsys):
     source = tmp_path / "source"
     source.mkdir()
     for name in ("config.json", "model.safetensors"):
         (source / name).write_bytes((fixtures_dir / "opengvlab_hub_format" / "tiny_s" / name).read_bytes())
-    output = {"is the checkpoint directory": source, "holds the checkpoint": tmp_path, "is the cwd": Path("."),
-              "holds the cwd": Path("..")}[where]  # fmt: skip
+    output = {
+        "is the checkpoint directory": source,
+        "holds the checkpoint": tmp_path,
+        "is the cwd": Path("."),
+        "holds the cwd": Path(".."),
+    }[where]
     monkeypatch.chdir(source)
     before = sorted(path.name for path in source.iterdir())
     assert convert("--checkpoint", source, "--output-dir", output, "--overwrite") == 2
@@ -371,8 +415,17 @@ def test_non_finite_weights_are_named(fixtures_dir, tmp_path, capsys):
     state_dict = _tiny_t_state_dict()
     state_dict["levels.1.blocks.0.mlp.fc1.weight"][0, 0] = math.nan
     checkpoint = _torch_save(tmp_path / "nan.pth", {"model": state_dict})
-    assert convert("--checkpoint", checkpoint, "--original-config", fixtures_dir / "models" / "tiny_t.json",
-                   "--output-dir", tmp_path / "out") == 2  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            checkpoint,
+            "--original-config",
+            fixtures_dir / "models" / "tiny_t.json",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 2
+    )
     error = one_error_line(capsys)
     assert "encoder.stages.1.layers.0.mlp.fc1.weight" in error and "NaN" in error
     assert not (tmp_path / "out").exists()
@@ -382,8 +435,17 @@ def test_integer_tensors_where_weights_belong_are_named(fixtures_dir, tmp_path, 
     state_dict = _tiny_t_state_dict()
     state_dict["head.weight"] = state_dict["head.weight"].long()
     checkpoint = _torch_save(tmp_path / "int.pth", {"model": state_dict})
-    assert convert("--checkpoint", checkpoint, "--original-config", fixtures_dir / "models" / "tiny_t.json",
-                   "--output-dir", tmp_path / "out") == 2  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            checkpoint,
+            "--original-config",
+            fixtures_dir / "models" / "tiny_t.json",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 2
+    )
     assert "classifier.weight is stored as torch.int64" in one_error_line(capsys)
 
 
@@ -408,14 +470,24 @@ def test_bytes_flipped_inside_tensor_data_are_detected(fixtures_dir, tmp_path, c
     with zipfile.ZipFile(original) as archive:
         member = max(archive.infolist(), key=lambda info: info.file_size)
     header = member.header_offset
-    name_length, extra_length = int.from_bytes(data[header + 26 : header + 28], "little"), int.from_bytes(
-        data[header + 28 : header + 30], "little"
+    name_length, extra_length = (
+        int.from_bytes(data[header + 26 : header + 28], "little"),
+        int.from_bytes(data[header + 28 : header + 30], "little"),
     )
     position = header + 30 + name_length + extra_length + member.file_size // 2
     data[position] ^= 0xFF
     (tmp_path / "flipped.pth").write_bytes(bytes(data))
-    assert convert("--checkpoint", tmp_path / "flipped.pth", "--original-config",
-                   fixtures_dir / "models" / "tiny_t.json", "--output-dir", tmp_path / "out") == 2  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            tmp_path / "flipped.pth",
+            "--original-config",
+            fixtures_dir / "models" / "tiny_t.json",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 2
+    )
     assert f"member {member.filename} fails its CRC-32 check" in one_error_line(capsys)
 
 
@@ -425,8 +497,17 @@ def test_unsafe_pickle_keeps_torchs_line(fixtures_dir, tmp_path, capsys):
             return (os.system, ("echo this must never run",))
 
     checkpoint = _torch_save(tmp_path / "evil.pth", {"model": _tiny_t_state_dict(), "extra": RunsACommand()})
-    assert convert("--checkpoint", checkpoint, "--original-config", fixtures_dir / "models" / "tiny_t.json",
-                   "--output-dir", tmp_path / "out") == 2  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            checkpoint,
+            "--original-config",
+            fixtures_dir / "models" / "tiny_t.json",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 2
+    )
     assert "Trying to load unsupported GLOBAL posix.system" in one_error_line(capsys)
 
 
@@ -441,8 +522,17 @@ def test_unsafe_pickle_keeps_torchs_line(fixtures_dir, tmp_path, capsys):
 def test_architecture_json_keys_and_values_are_checked(architecture, message, fixtures_dir, tmp_path, capsys):
     kwargs = json.loads((fixtures_dir / "models" / "tiny_t.json").read_text())["original_constructor_kwargs"]
     (tmp_path / "arch.json").write_text(json.dumps({**kwargs, **architecture}))
-    assert convert("--checkpoint", fixtures_dir / "models" / "tiny_t.safetensors", "--original-config",
-                   tmp_path / "arch.json", "--output-dir", tmp_path / "out") == 2  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "models" / "tiny_t.safetensors",
+            "--original-config",
+            tmp_path / "arch.json",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 2
+    )
     assert message in one_error_line(capsys)
 
 
@@ -450,17 +540,32 @@ def test_architecture_json_keys_and_values_are_checked(architecture, message, fi
     "yaml_text, message",
     [
         ("MODEL: 5\n", "MODEL must be a mapping, got 5"),
-        ("MODEL:\n  NUM_CLASSES: ten\n  INTERN_IMAGE:\n    CHANNELS: 16\n", "MODEL.NUM_CLASSES must be an integer, got 'ten'"),
+        (
+            "MODEL:\n  NUM_CLASSES: ten\n  INTERN_IMAGE:\n    CHANNELS: 16\n",
+            "MODEL.NUM_CLASSES must be an integer, got 'ten'",
+        ),
         ("MODEL:\n  INTERN_IMAGE:\n    CHANNELS: 16.0\n", "`channels` must be of type int; got 16.0"),
         ("MODEL:\n  INTERN_IMAGE:\n    CHANNELS: 16\n    DEPTHS: '1,1,2,1'\n", "`depths` must be of type"),
-        ("MODEL:\n  INTERN_IMAGE:\n    CHANNELS: 16\n    OFFSET_SCAL: 2.0\n", "offset_scal (did you mean offset_scale?)"),
+        (
+            "MODEL:\n  INTERN_IMAGE:\n    CHANNELS: 16\n    OFFSET_SCAL: 2.0\n",
+            "offset_scal (did you mean offset_scale?)",
+        ),
         ("DATA:\n  IMG_SIZE: big\nMODEL:\n  INTERN_IMAGE:\n    CHANNELS: 16\n", "DATA.IMG_SIZE must be an integer"),
     ],
-)  # fmt: skip
+)
 def test_malformed_training_yaml_names_the_field(yaml_text, message, fixtures_dir, tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(yaml_text)
-    assert convert("--checkpoint", fixtures_dir / "models" / "tiny_t.safetensors", "--original-config",
-                   tmp_path / "config.yaml", "--output-dir", tmp_path / "out") == 2  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "models" / "tiny_t.safetensors",
+            "--original-config",
+            tmp_path / "config.yaml",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 2
+    )
     assert message in one_error_line(capsys)
 
 

@@ -39,16 +39,31 @@ def assert_nothing_written(parent, name):
 
 def test_raw_training_checkpoint_converts_from_the_command_line(fixtures_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--checkpoint", str(fixtures_dir / "raw_checkpoints" / "tiny_t_classification.pth"),
-         "--original-config", str(fixtures_dir / "models" / "tiny_t.json"), "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--checkpoint",
+            str(fixtures_dir / "raw_checkpoints" / "tiny_t_classification.pth"),
+            "--original-config",
+            str(fixtures_dir / "models" / "tiny_t.json"),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "top-5 on the fixed test image" in result.stdout
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
-        "README.md", "config.json", "configuration_internimage.py", "dcnv3.py", "model.safetensors",
-        "modeling_internimage.py", "preprocessor_config.json",
-    ]  # fmt: skip
+        "README.md",
+        "config.json",
+        "configuration_internimage.py",
+        "dcnv3.py",
+        "model.safetensors",
+        "modeling_internimage.py",
+        "preprocessor_config.json",
+    ]
     assert_logits_match_fixture(tmp_path / "out", "tiny_t")
 
 
@@ -56,23 +71,54 @@ def test_checkpoint_with_pickled_training_config_converts(fixtures_dir, tmp_path
     checkpoint = fixtures_dir / "raw_checkpoints" / "tiny_t_classification_with_config_object.pth"
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(checkpoint, weights_only=True)  # as it stands the file is refused; the converter's allow-list
-    assert convert("--checkpoint", checkpoint, "--original-config", fixtures_dir / "models" / "tiny_t.json",
-                   "--output-dir", tmp_path / "out") == 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            checkpoint,
+            "--original-config",
+            fixtures_dir / "models" / "tiny_t.json",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 0
+    )
     assert_logits_match_fixture(tmp_path / "out", "tiny_t")
 
 
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
 def test_safetensors_state_dict_with_constructor_json_converts(name, fixtures_dir, tmp_path):
-    assert convert("--checkpoint", fixtures_dir / "models" / f"{name}.safetensors", "--original-config",
-                   fixtures_dir / "models" / f"{name}.json", "--output-dir", tmp_path / name) == 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "models" / f"{name}.safetensors",
+            "--original-config",
+            fixtures_dir / "models" / f"{name}.json",
+            "--output-dir",
+            tmp_path / name,
+        )
+        == 0
+    )
     assert_logits_match_fixture(tmp_path / name, name)
 
 
 def test_detection_checkpoint_becomes_a_backbone(fixtures_dir, tmp_path, capsys):
-    assert convert("--checkpoint", fixtures_dir / "raw_checkpoints" / "tiny_t_mask_rcnn_coco.pth",
-                   "--original-config", fixtures_dir / "models" / "tiny_t.json", "--output-dir", tmp_path / "det") == 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "raw_checkpoints" / "tiny_t_mask_rcnn_coco.pth",
+            "--original-config",
+            fixtures_dir / "models" / "tiny_t.json",
+            "--output-dir",
+            tmp_path / "det",
+        )
+        == 0
+    )
     report = capsys.readouterr().out
-    for dropped in ("neck.lateral_convs.0.conv.weight", "rpn_head.rpn_conv.weight", "roi_head.bbox_head.fc_cls.weight"):
+    for dropped in (
+        "neck.lateral_convs.0.conv.weight",
+        "rpn_head.rpn_conv.weight",
+        "roi_head.bbox_head.fc_cls.weight",
+    ):
         assert dropped in report
     backbone = InternImageBackbone.from_pretrained(tmp_path / "det").eval()
     _, _, io = load_fixture_case("tiny_t")
@@ -99,8 +145,17 @@ def test_original_training_yaml_gives_the_architecture(fixtures_dir, tmp_path):
         f"    CHANNELS: {kwargs['channels']}\n    DEPTHS: {kwargs['depths']}\n    GROUPS: {kwargs['groups']}\n"
         "    MLP_RATIO: 4.0\n    OFFSET_SCALE: 1.0\n    POST_NORM: False\n"
     )
-    assert convert("--checkpoint", fixtures_dir / "models" / "tiny_t.safetensors", "--original-config",
-                   tmp_path / "internimage_tiny.yaml", "--output-dir", tmp_path / "out") == 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "models" / "tiny_t.safetensors",
+            "--original-config",
+            tmp_path / "internimage_tiny.yaml",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 0
+    )
     assert_logits_match_fixture(tmp_path / "out", "tiny_t")
     processor_config = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
     assert processor_config["crop_size"] == {"height": 64, "width": 64}
@@ -109,9 +164,23 @@ def test_original_training_yaml_gives_the_architecture(fixtures_dir, tmp_path):
 def test_label_names_storage_dtype_and_shards(fixtures_dir, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"class number {idx}" for idx in range(10)))
-    assert convert("--checkpoint", fixtures_dir / "models" / "tiny_h.safetensors", "--original-config",
-                   fixtures_dir / "models" / "tiny_h.json", "--output-dir", tmp_path / "out", "--label-file", labels,
-                   "--dtype", "bfloat16", "--max-shard-size", "5MB") == 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "models" / "tiny_h.safetensors",
+            "--original-config",
+            fixtures_dir / "models" / "tiny_h.json",
+            "--output-dir",
+            tmp_path / "out",
+            "--label-file",
+            labels,
+            "--dtype",
+            "bfloat16",
+            "--max-shard-size",
+            "5MB",
+        )
+        == 0
+    )
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
@@ -190,10 +259,20 @@ def test_bad_inputs_end_with_one_line_and_write_nothing(problem, fixtures_dir, t
         target.mkdir()
         (target / "keep.txt").write_text("mine")
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--checkpoint", str(checkpoint), "--original-config",
-         str(fixtures_dir / "models" / "tiny_t.json"), "--output-dir", str(target)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--checkpoint",
+            str(checkpoint),
+            "--original-config",
+            str(fixtures_dir / "models" / "tiny_t.json"),
+            "--output-dir",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     if problem == "existing_output":
@@ -206,8 +285,18 @@ def test_overwrite_replaces_an_existing_directory(fixtures_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "stale.txt").write_text("old")
-    assert convert("--checkpoint", fixtures_dir / "models" / "tiny_s.safetensors", "--original-config",
-                   fixtures_dir / "models" / "tiny_s.json", "--output-dir", target, "--overwrite") == 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "models" / "tiny_s.safetensors",
+            "--original-config",
+            fixtures_dir / "models" / "tiny_s.json",
+            "--output-dir",
+            target,
+            "--overwrite",
+        )
+        == 0
+    )
     assert not (target / "stale.txt").exists()
     assert_logits_match_fixture(target, "tiny_s")
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
@@ -218,15 +307,33 @@ def test_failed_verification_leaves_nothing(fixtures_dir, tmp_path, monkeypatch)
         raise converter.ConversionError("simulated failure after writing")
 
     monkeypatch.setattr(converter, "verify_reload", broken_reload)
-    assert convert("--checkpoint", fixtures_dir / "models" / "tiny_s.safetensors", "--original-config",
-                   fixtures_dir / "models" / "tiny_s.json", "--output-dir", tmp_path / "out") != 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "models" / "tiny_s.safetensors",
+            "--original-config",
+            fixtures_dir / "models" / "tiny_s.json",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        != 0
+    )
     assert_nothing_written(tmp_path, "out")
 
 
 @pytest.mark.parametrize("name", ["tiny_t", "tiny_g"])
 def test_converted_directory_loads_as_remote_code(name, fixtures_dir, tmp_path):
-    assert convert("--checkpoint", fixtures_dir / "models" / f"{name}.safetensors", "--original-config",
-                   fixtures_dir / "models" / f"{name}.json", "--output-dir", tmp_path / "out") == 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "models" / f"{name}.safetensors",
+            "--original-config",
+            fixtures_dir / "models" / f"{name}.json",
+            "--output-dir",
+            tmp_path / "out",
+        )
+        == 0
+    )
     _, _, io = load_fixture_case(name)
     outputs = run_as_remote_code(tmp_path / "out", io["input0.pixel_values"], tmp_path)
     torch.testing.assert_close(outputs["logits"], io["input0.logits"], atol=1e-4, rtol=0)
@@ -247,13 +354,29 @@ def test_push_to_hub_creates_repo_and_uploads_once(fixtures_dir, tmp_path, monke
 
     monkeypatch.setattr(converter, "HfApi", StandInHubApi)
     monkeypatch.setattr(converter, "hub_is_offline", lambda: False)  # the stand-in needs no network
-    assert convert("--checkpoint", fixtures_dir / "opengvlab_hub_format" / "tiny_l", "--output-dir", tmp_path / "out",
-                   "--push-to-hub", "someone/internimage-tiny-l") == 0  # fmt: skip
+    assert (
+        convert(
+            "--checkpoint",
+            fixtures_dir / "opengvlab_hub_format" / "tiny_l",
+            "--output-dir",
+            tmp_path / "out",
+            "--push-to-hub",
+            "someone/internimage-tiny-l",
+        )
+        == 0
+    )
     assert [call[0] for call in calls] == ["create_repo", "upload_folder"]
     assert calls[0][2]["exist_ok"] is True
     uploaded = calls[1][2]
-    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "modeling_internimage.py",
-            "configuration_internimage.py", "dcnv3.py"} <= set(uploaded)  # fmt: skip
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "modeling_internimage.py",
+        "configuration_internimage.py",
+        "dcnv3.py",
+    } <= set(uploaded)
     assert "AutoModelForImageClassification" in json.loads(uploaded["config.json"])["auto_map"]
     assert b"someone/internimage-tiny-l" in uploaded["README.md"]
 

@@ -48,7 +48,10 @@ def test_detection_trains_saves_and_reloads(tmp_path):
 
 @pytest.mark.parametrize(
     "script, backbone_of",
-    [(run_semantic_segmentation, lambda model: model.backbone), (run_object_detection, lambda model: model.model.backbone.model)],
+    [
+        (run_semantic_segmentation, lambda model: model.backbone),
+        (run_object_detection, lambda model: model.model.backbone.model),
+    ],
 )
 def test_task_models_start_from_the_pretrained_internimage(script, backbone_of, tmp_path):
     from example_utils import ModelArguments
@@ -77,11 +80,26 @@ def test_output_directory_is_not_overwritten(tmp_path):
 def test_classification_under_torchrun_with_two_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(PROJECT_ROOT / "examples" / "run_image_classification.py"), *QUICK, "--output_dir", str(tmp_path),
-         "--ddp_backend", "gloo"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(PROJECT_ROOT / "examples" / "run_image_classification.py"),
+            *QUICK,
+            "--output_dir",
+            str(tmp_path),
+            "--ddp_backend",
+            "gloo",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "training with 2 process(es)" in result.stderr
     assert json.loads((tmp_path / "eval_results.json").read_text())["eval_accuracy"] >= 0
@@ -92,11 +110,31 @@ def test_classification_under_accelerate_launch(tmp_path):
     """accelerate's DDP launcher (--multi_gpu); without GPUs its two processes train on the CPU over gloo."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
-         str(PROJECT_ROOT / "examples" / "run_image_classification.py"), *QUICK, "--output_dir", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29534",
+            str(PROJECT_ROOT / "examples" / "run_image_classification.py"),
+            *QUICK,
+            "--output_dir",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "training with 2 process(es)" in result.stderr
     AutoModelForImageClassification.from_pretrained(tmp_path)
@@ -118,10 +156,20 @@ def test_push_to_hub_uploads_weights_code_config_processor_and_card(tmp_path, mo
     run_image_classification.main(QUICK + ["--output_dir", str(tmp_path / "digits-model"), "--push_to_hub"])
     repo_id, files = uploads[-1]
     assert repo_id == "someone/digits-model"
-    assert {"model.safetensors", "config.json", "modeling_internimage.py", "configuration_internimage.py",
-            "dcnv3.py", "preprocessor_config.json", "README.md"} <= set(files)  # fmt: skip
+    assert {
+        "model.safetensors",
+        "config.json",
+        "modeling_internimage.py",
+        "configuration_internimage.py",
+        "dcnv3.py",
+        "preprocessor_config.json",
+        "README.md",
+    } <= set(files)
     config = json.loads(open(files["config.json"].path).read())
-    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_internimage.InternImageForImageClassification"
+    assert (
+        config["auto_map"]["AutoModelForImageClassification"]
+        == "modeling_internimage.InternImageForImageClassification"
+    )
     assert "image-classification" in open(files["README.md"].path).read()
 
 
@@ -138,13 +186,15 @@ def test_bad_classification_arguments_stop_before_training(tmp_path):
         run_image_classification.main(QUICK + ["--image_column_name", "picture", "--output_dir", str(tmp_path / "a")])
     write_image_folder(tmp_path / "one_class", ["cat"])
     with pytest.raises(SystemExit, match=r"has 1 class \(cat\); classification needs at least two"):
-        run_image_classification.main(QUICK + ["--train_dir", str(tmp_path / "one_class"), "--output_dir",
-                                               str(tmp_path / "b")])  # fmt: skip
+        run_image_classification.main(
+            QUICK + ["--train_dir", str(tmp_path / "one_class"), "--output_dir", str(tmp_path / "b")]
+        )
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     (tmp_path / "empty" / "cat" / "notes.txt").write_text("no images")
     with pytest.raises(SystemExit, match="holds no images"):
-        run_image_classification.main(QUICK + ["--train_dir", str(tmp_path / "empty"), "--output_dir",
-                                               str(tmp_path / "c")])  # fmt: skip
+        run_image_classification.main(
+            QUICK + ["--train_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "c")]
+        )
     for name in "abc":
         assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
 
@@ -153,10 +203,26 @@ def test_local_image_folder_classification(tmp_path):
     write_image_folder(tmp_path / "train", ["cat", "dog"])
     write_image_folder(tmp_path / "val", ["cat", "dog"], images_per_class=2)
     results = run_image_classification.main(
-        ["--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val"), "--do_train", "--do_eval",
-         "--num_train_epochs", "1", "--image_size", "32", "--remove_unused_columns", "false", "--use_cpu",
-         "--report_to", "none", "--output_dir", str(tmp_path / "out")]
-    )  # fmt: skip
+        [
+            "--train_dir",
+            str(tmp_path / "train"),
+            "--validation_dir",
+            str(tmp_path / "val"),
+            "--do_train",
+            "--do_eval",
+            "--num_train_epochs",
+            "1",
+            "--image_size",
+            "32",
+            "--remove_unused_columns",
+            "false",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "eval_accuracy" in results
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.id2label == {0: "cat", 1: "dog"}
 
@@ -165,12 +231,23 @@ def test_detection_box_outside_its_image_is_refused(tmp_path):
     (tmp_path / "train").mkdir()
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "train" / "a.png")
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "train" / "b.png")
-    rows = [{"file_name": "a.png", "image_id": 0, "objects": {"bbox": [[2.0, 2.0, 10.0, 10.0]], "category": [0]}},
-            {"file_name": "b.png", "image_id": 1, "objects": {"bbox": [[30.0, 5.0, 20.0, 10.0]], "category": [1]}}]  # fmt: skip
+    rows = [
+        {"file_name": "a.png", "image_id": 0, "objects": {"bbox": [[2.0, 2.0, 10.0, 10.0]], "category": [0]}},
+        {"file_name": "b.png", "image_id": 1, "objects": {"bbox": [[30.0, 5.0, 20.0, 10.0]], "category": [1]}},
+    ]
     (tmp_path / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     with pytest.raises(SystemExit, match=r"box \[30.0, 5.0, 20.0, 10.0\] \(x, y, w, h\) lies outside its 40x40 image"):
-        run_object_detection.main(["--train_dir", str(tmp_path / "train"), "--train_val_split", "0.5",
-                                   "--output_dir", str(tmp_path / "out"), "--use_cpu"])  # fmt: skip
+        run_object_detection.main(
+            [
+                "--train_dir",
+                str(tmp_path / "train"),
+                "--train_val_split",
+                "0.5",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--use_cpu",
+            ]
+        )
 
 
 def test_segmentation_folders_need_masks(tmp_path):
@@ -192,12 +269,15 @@ def test_classification_uses_the_hub_kernel_when_asked(tmp_path, caplog):
 
 # --- bad input to the examples: a clear error before training, or a run that works -----------------------------
 
+
 def write_segmentation_folder(root, count=4, size=32, mask_mode="L", classes=3):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     rng = np.random.default_rng(0)
     for idx in range(count):
-        Image.fromarray(rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)).save(root / "images" / f"{idx}.png")
+        Image.fromarray(rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)).save(
+            root / "images" / f"{idx}.png"
+        )
         mask = Image.fromarray((np.arange(size * size).reshape(size, size) % classes).astype(np.uint8))
         mask.convert(mask_mode).save(root / "masks" / f"{idx}.png")
 
@@ -217,7 +297,10 @@ GOOD_RECORD = {"file_name": "0.png", "objects": {"bbox": [[2.0, 2.0, 10.0, 10.0]
     [
         ({"file_name": "1.png"}, "line 2: each record needs 'objects'"),
         ({"file_name": "1.png", "objects": {"bbox": [[1, 1, 5, 5]]}}, "line 2: each record needs 'objects' with"),
-        ({"file_name": "1.png", "objects": {"bbox": [[1, 1, 5]], "category": [0]}}, r"line 2: bbox \[1, 1, 5\] is not"),
+        (
+            {"file_name": "1.png", "objects": {"bbox": [[1, 1, 5]], "category": [0]}},
+            r"line 2: bbox \[1, 1, 5\] is not",
+        ),
         ({"file_name": "1.png", "objects": {"bbox": [[1, 1, 5, 5]], "category": ["cat"]}}, "line 2: category 'cat'"),
         ("{not json", "line 2: not valid JSON"),
     ],
@@ -238,7 +321,11 @@ def test_detection_metadata_without_any_object_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "script, flags, message",
     [
-        (run_object_detection, ["--num_queries", "300"], "--num_queries 300 must lie between 1 and the 189 encoder tokens"),
+        (
+            run_object_detection,
+            ["--num_queries", "300"],
+            "--num_queries 300 must lie between 1 and the 189 encoder tokens",
+        ),
         (run_object_detection, ["--num_queries", "0"], "--num_queries 0 must lie between 1"),
         (run_object_detection, ["--image_size", "0"], "--image_size 0 must be a multiple of 32"),
         (run_semantic_segmentation, ["--image_size", "0"], "--image_size 0 must be a multiple of 32"),
@@ -248,7 +335,7 @@ def test_detection_metadata_without_any_object_is_refused(tmp_path):
         (run_image_classification, ["--model_name_or_path", "./no/such/model"], "is neither an existing directory"),
         (run_object_detection, ["--model_name_or_path", "/no/such/dir"], "is neither an existing directory"),
     ],
-)  # fmt: skip
+)
 def test_bad_flags_stop_before_training(script, flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
         script.main(flags + ["--output_dir", str(tmp_path / "out")])
@@ -272,8 +359,16 @@ def test_segmentation_refuses_mask_values_beyond_the_classes(tmp_path):
     write_segmentation_folder(tmp_path / "train", classes=5)
     (tmp_path / "id2label.json").write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
     with pytest.raises(SystemExit, match="train masks hold class id 4, but there are 3 classes"):
-        run_semantic_segmentation.main(["--train_dir", str(tmp_path / "train"), "--id2label_file",
-                                        str(tmp_path / "id2label.json"), "--output_dir", str(tmp_path / "o")])  # fmt: skip
+        run_semantic_segmentation.main(
+            [
+                "--train_dir",
+                str(tmp_path / "train"),
+                "--id2label_file",
+                str(tmp_path / "id2label.json"),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
 
 
 def test_corrupt_image_is_named_before_training(tmp_path):
@@ -287,8 +382,20 @@ def test_corrupt_image_is_named_before_training(tmp_path):
 @pytest.mark.parametrize("script", [run_semantic_segmentation, run_object_detection])
 def test_a_last_batch_of_one_sample_trains(script, tmp_path):
     """17 training samples in batches of 4: the last batch would hold one image, which BatchNorm cannot train on."""
-    results = script.main(["--max_train_samples", "17", "--max_eval_samples", "4", "--num_train_epochs", "1",
-                           "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path)])  # fmt: skip
+    results = script.main(
+        [
+            "--max_train_samples",
+            "17",
+            "--max_eval_samples",
+            "4",
+            "--num_train_epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert np.isfinite(json.loads((tmp_path / "train_results.json").read_text())["train_loss"])
     assert "reload_max_difference" in results
 
@@ -303,8 +410,23 @@ def test_classification_with_named_labels_and_trainer_defaults(tmp_path):
         rows.append({"file_name": f"{idx}.png", "label": "cat" if idx % 2 else "dog"})
     (train / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     results = run_image_classification.main(
-        ["--train_dir", str(train), "--do_train", "--do_eval", "--num_train_epochs", "1", "--image_size", "32",
-         "--train_val_split", "0.25", "--use_cpu", "--report_to", "none", "--output_dir", str(tmp_path / "out")]
-    )  # fmt: skip
+        [
+            "--train_dir",
+            str(train),
+            "--do_train",
+            "--do_eval",
+            "--num_train_epochs",
+            "1",
+            "--image_size",
+            "32",
+            "--train_val_split",
+            "0.25",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "eval_accuracy" in results
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.id2label == {0: "cat", 1: "dog"}

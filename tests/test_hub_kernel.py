@@ -38,8 +38,10 @@ def fixture_model(name: str = "tiny_h") -> tuple[InternImageForImageClassificati
     return model.eval(), io
 
 
-@pytest.mark.parametrize("case", ["basic", "dilation2", "kernel5", "offset_scale2", "remove_center",
-                                  "single_channel", "stride2", "wide_group"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    ["basic", "dilation2", "kernel5", "offset_scale2", "remove_center", "single_channel", "stride2", "wide_group"],
+)
 def test_cpu_kernel_matches_original_op_fixtures(kernel, case, fixtures_dir):
     with safe_open(fixtures_dir / "dcnv3_op" / f"{case}.safetensors", "pt") as f:
         params = json.loads(f.metadata()["params"])
@@ -105,8 +107,7 @@ def test_from_pretrained_use_kernels_swaps_in_the_kernel(kernel_build, tmp_path)
         reloaded = AutoModelForImageClassification.from_pretrained(tmp_path, use_kernels=True)
     assert uses_hub_kernel(reloaded)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(io["input0.pixel_values"]).logits, io["input0.logits"], atol=1e-4,
-                                   rtol=0)  # fmt: skip
+        torch.testing.assert_close(reloaded(io["input0.pixel_values"]).logits, io["input0.logits"], atol=1e-4, rtol=0)
 
 
 PRODUCTION_SCRIPT = textwrap.dedent(
@@ -138,13 +139,24 @@ def run_production_mapping(tmp_path: Path, cache: Path, trusted: bool = True) ->
     """`use_hub_kernels(model)` with the production LayerRepository(version=1), offline, against `cache`, the repo
     overridden to test-org/dcnv3 (whose code runs only with the explicit opt-in, `trusted`)."""
     (tmp_path / "production.py").write_text(PRODUCTION_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "KERNELS_CACHE": str(cache),
-           "INTERNIMAGE_DCNV3_KERNEL_REPO": "test-org/dcnv3"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "KERNELS_CACHE": str(cache),
+        "INTERNIMAGE_DCNV3_KERNEL_REPO": "test-org/dcnv3",
+    }
     env.pop("INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE", None)
     if trusted:
         env["INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE"] = "1"
-    return subprocess.run([sys.executable, str(tmp_path / "production.py")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(tmp_path / "production.py")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def cached_kernel_repo(kernel_build: Path, cache: Path) -> None:
@@ -208,8 +220,14 @@ def test_mismatching_layer_signature_is_caught(tmp_path, caplog):
     """A hub layer whose forward takes other arguments than the core's is refused by kernels' layer validation."""
     variant = tmp_path / "build" / "torch-cpu"  # a pure-Python (noarch) variant: no compiled op involved
     variant.mkdir(parents=True)
-    metadata = {"name": "dcnv3", "id": "_dcnv3_signature_test", "version": 1, "license": "MIT",
-                "backend": {"type": "cpu"}, "python-depends": []}  # fmt: skip
+    metadata = {
+        "name": "dcnv3",
+        "id": "_dcnv3_signature_test",
+        "version": 1,
+        "license": "MIT",
+        "backend": {"type": "cpu"},
+        "python-depends": [],
+    }
     (variant / "metadata.json").write_text(json.dumps(metadata))
     (variant / "__init__.py").write_text("from . import layers\n__all__ = ['layers']\n")
     (variant / "layers.py").write_text(
@@ -270,8 +288,13 @@ def test_cuda_variant_is_compiled_for_sm80_and_sm90():
 @pytest.mark.parametrize("required", [False, True])
 def test_cuda_build_without_nvcc_is_skipped_unless_required(required, tmp_path):
     env = {**os.environ, "CUDA_HOME": str(tmp_path / "no-cuda"), "INTERNIMAGE_REQUIRE_CUDA_BUILD": str(int(required))}
-    result = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "build_kernels.sh"), "cuda"], env=env,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(PROJECT_ROOT / "scripts" / "build_kernels.sh"), "cuda"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if required:
         assert result.returncode == 1 and "error: nvcc not found" in result.stderr
     else:

@@ -82,8 +82,9 @@ def test_odd_crop_margin_shifts_by_at_most_one_pixel():
 
 def test_image_classification_pipeline_end_to_end(tmp_path):
     torch.manual_seed(0)
-    config = InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8],
-                               id2label={0: "cat", 1: "dog", 2: "bird"})  # fmt: skip
+    config = InternImageConfig(
+        channels=8, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], id2label={0: "cat", 1: "dog", 2: "bird"}
+    )
     model = InternImageForImageClassification(config).eval()
     model.save_pretrained(tmp_path)
     build_image_processor(size=64).save_pretrained(tmp_path)

@@ -48,8 +48,13 @@ def pixel_values() -> torch.Tensor:
 def test_save_and_reload_reproduces_outputs(classifier, pixel_values, tmp_path):
     classifier.save_pretrained(tmp_path)
     saved = sorted(os.listdir(tmp_path))
-    assert saved == ["config.json", "configuration_internimage.py", "dcnv3.py", "model.safetensors",
-                     "modeling_internimage.py"]  # fmt: skip
+    assert saved == [
+        "config.json",
+        "configuration_internimage.py",
+        "dcnv3.py",
+        "model.safetensors",
+        "modeling_internimage.py",
+    ]
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoBackbone"}
 
@@ -98,8 +103,13 @@ def test_push_to_hub_uploads_code_config_and_weights(classifier, monkeypatch):
     monkeypatch.setattr(type(classifier), "_upload_modified_files", capture_upload)
     classifier.push_to_hub("someone/internimage-tiny")
     assert uploaded["repo_id"] == "someone/internimage-tiny"
-    assert {"config.json", "model.safetensors", "modeling_internimage.py", "configuration_internimage.py",
-            "dcnv3.py"} <= set(uploaded["files"])  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_internimage.py",
+        "configuration_internimage.py",
+        "dcnv3.py",
+    } <= set(uploaded["files"])
     assert uploaded["config"]["auto_map"]["AutoBackbone"] == "modeling_internimage.InternImageBackbone"
 
 
@@ -240,8 +250,9 @@ def _fixture_model(name):
 def test_torch_compile_matches_eager(classifier, pixel_values):
     compiled = torch.compile(classifier, fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(pixel_values).logits, classifier(pixel_values).logits, atol=1e-5,
-                                   rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            compiled(pixel_values).logits, classifier(pixel_values).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_torch_export_runs_and_matches(classifier, pixel_values):
@@ -266,8 +277,14 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
             return self.model(pixel_values).logits
 
     path = tmp_path / "internimage.onnx"
-    torch.onnx.export(LogitsOnly(model), (pixel_values,), str(path), input_names=["pixel_values"],
-                      output_names=["logits"], dynamo=True)  # fmt: skip
+    torch.onnx.export(
+        LogitsOnly(model),
+        (pixel_values,),
+        str(path),
+        input_names=["pixel_values"],
+        output_names=["logits"],
+        dynamo=True,
+    )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"pixel_values": pixel_values.numpy()})
     np.testing.assert_allclose(logits, io["input0.logits"].numpy(), atol=1e-4, rtol=0)
@@ -307,8 +324,9 @@ def test_state_dict_of_another_variant_is_rejected():
 
 def test_missing_and_unexpected_keys_are_listed():
     _, state_dict, _ = load_fixture_case("tiny_t")
-    model = InternImageForImageClassification(InternImageConfig(channels=16, depths=[1, 1, 2, 1],
-                                                                groups=[1, 2, 4, 8], num_labels=10))  # fmt: skip
+    model = InternImageForImageClassification(
+        InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=10)
+    )
     broken = dict(state_dict)
     broken.pop("levels.1.blocks.0.dcn.offset.weight")
     broken["levels.9.extra"] = torch.zeros(1)
@@ -355,8 +373,11 @@ def test_missing_weights_are_initialised_after_loading(tmp_path):
 
     weights = load_file(tmp_path / "model.safetensors")
     dropped = [key for key in weights if ".dcn.offset." in key or "layer_scale" in key]
-    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     model = InternImageForImageClassification.from_pretrained(tmp_path)
     state = model.state_dict()
     for key in dropped:
@@ -416,8 +437,9 @@ def test_upernet_with_internimage_backbone_trains_and_reloads(tmp_path):
     from transformers import AutoModelForSemanticSegmentation, UperNetConfig, UperNetForSemanticSegmentation
 
     backbone_config = tiny_config(out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = UperNetConfig(backbone_config=backbone_config, num_labels=3, hidden_size=16,
-                           auxiliary_in_channels=None, auxiliary_channels=8)  # fmt: skip
+    config = UperNetConfig(
+        backbone_config=backbone_config, num_labels=3, hidden_size=16, auxiliary_in_channels=None, auxiliary_channels=8
+    )
     model = UperNetForSemanticSegmentation(config)
     pixel_values = torch.randn(2, 3, 64, 64)
     labels = torch.randint(0, 3, (2, 64, 64))

@@ -71,7 +71,9 @@ class InternImageModelTester:
         )
 
     def prepare_config_and_inputs(self):
-        pixel_values = modeling_common.floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
+        pixel_values = modeling_common.floats_tensor(
+            [self.batch_size, self.num_channels, self.image_size, self.image_size]
+        )
         labels = modeling_common.ids_tensor([self.batch_size], self.num_labels) if self.use_labels else None
         return self.get_config(), pixel_values, labels
 
@@ -84,9 +86,7 @@ class InternImageModelTester:
         with torch.no_grad():
             result = model(pixel_values)
         final = self.image_size // 32
-        self.parent.assertEqual(
-            result.last_hidden_state.shape, (self.batch_size, self.hidden_sizes[-1], final, final)
-        )
+        self.parent.assertEqual(result.last_hidden_state.shape, (self.batch_size, self.hidden_sizes[-1], final, final))
         self.parent.assertEqual(result.pooler_output.shape, (self.batch_size, int(self.hidden_sizes[-1] * 1.5)))
 
     def create_and_check_for_image_classification(self, config, pixel_values, labels):

@@ -18,13 +18,29 @@ from modeling_internimage import (
 )
 
 
-OP_PARAMS = ("kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w", "dilation_h", "dilation_w", "group",
-             "group_channels", "offset_scale", "remove_center")  # fmt: skip
+OP_PARAMS = (
+    "kernel_h",
+    "kernel_w",
+    "stride_h",
+    "stride_w",
+    "pad_h",
+    "pad_w",
+    "dilation_h",
+    "dilation_w",
+    "group",
+    "group_channels",
+    "offset_scale",
+    "remove_center",
+)
 HUB_CONFIG_OF_VARIANT = {
-    "t": "internimage_t_1k_224", "s": "internimage_s_1k_224", "b": "internimage_b_1k_224",
-    "l": "internimage_l_22kto1k_384", "xl": "internimage_xl_22kto1k_384", "h": "internimage_h_22kto1k_640",
+    "t": "internimage_t_1k_224",
+    "s": "internimage_s_1k_224",
+    "b": "internimage_b_1k_224",
+    "l": "internimage_l_22kto1k_384",
+    "xl": "internimage_xl_22kto1k_384",
+    "h": "internimage_h_22kto1k_640",
     "g": "internimage_g_22kto1k_512",
-}  # fmt: skip
+}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -62,8 +78,10 @@ def test_model_matches_original(name, fixtures_dir):
             torch.testing.assert_close(feature_maps[stage], expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["basic", "dilation2", "kernel5", "offset_scale2", "remove_center",
-                                  "single_channel", "stride2", "wide_group"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    ["basic", "dilation2", "kernel5", "offset_scale2", "remove_center", "single_channel", "stride2", "wide_group"],
+)
 def test_dcnv3_op_matches_original(case, fixtures_dir):
     with safe_open(fixtures_dir / "dcnv3_op" / f"{case}.safetensors", "pt") as f:
         params = json.loads(f.metadata()["params"])
@@ -99,9 +117,22 @@ def test_released_architecture_matches_manifest(variant, fixtures_dir):
 def test_variant_preset_equals_published_config(variant, fixtures_dir):
     published = AutoConfig.from_pretrained(fixtures_dir / "opengvlab_hub_configs" / HUB_CONFIG_OF_VARIANT[variant])
     preset = InternImageConfig.from_variant(variant)
-    fields = ("channels", "depths", "groups", "layer_scale", "offset_scale", "post_norm", "res_post_norm",
-              "level2_post_norm", "level2_post_norm_block_ids", "center_feature_scale", "use_clip_projector",
-              "remove_center", "mlp_ratio", "cls_scale")  # fmt: skip
+    fields = (
+        "channels",
+        "depths",
+        "groups",
+        "layer_scale",
+        "offset_scale",
+        "post_norm",
+        "res_post_norm",
+        "level2_post_norm",
+        "level2_post_norm_block_ids",
+        "center_feature_scale",
+        "use_clip_projector",
+        "remove_center",
+        "mlp_ratio",
+        "cls_scale",
+    )
     for field in fields:
         assert getattr(preset, field) == getattr(published, field), field
     assert (preset.dw_kernel_size or 3) == (published.dw_kernel_size or 3)
@@ -137,8 +168,9 @@ def test_published_config_fields_are_read(fixtures_dir):
     assert config.num_labels == 21841
     assert config.offset_scale == 2.0
     assert set(config.auto_map.values()) <= {
-        "configuration_internimage.InternImageConfig", "modeling_internimage.InternImageModel"
-    }  # fmt: skip
+        "configuration_internimage.InternImageConfig",
+        "modeling_internimage.InternImageModel",
+    }
 
 
 def test_base_model_loads_backbone_weights_of_classifier(tmp_path):

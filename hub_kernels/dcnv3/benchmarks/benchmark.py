@@ -74,10 +74,14 @@ def main() -> None:
         kernel_fwd, kernel_bwd = measure(kernel.dcnv3, inputs, settings, args.repeats)
         for idx, value in enumerate((torch_fwd, kernel_fwd, torch_bwd, kernel_bwd)):
             totals[idx] += blocks * value
-        print(f"{size}x{size}, G={groups:<6}{torch_fwd:>10.2f}{kernel_fwd:>11.2f}{torch_fwd / kernel_fwd:>6.1f}"
-              f"{torch_bwd:>11.2f}{kernel_bwd:>11.2f}{torch_bwd / kernel_bwd:>6.1f}")  # fmt: skip
-    print(f"{'network (x blocks)':<16}{totals[0]:>10.1f}{totals[1]:>11.1f}{totals[0] / totals[1]:>6.1f}"
-          f"{totals[2]:>11.1f}{totals[3]:>11.1f}{totals[2] / totals[3]:>6.1f}")  # fmt: skip
+        print(
+            f"{size}x{size}, G={groups:<6}{torch_fwd:>10.2f}{kernel_fwd:>11.2f}{torch_fwd / kernel_fwd:>6.1f}"
+            f"{torch_bwd:>11.2f}{kernel_bwd:>11.2f}{torch_bwd / kernel_bwd:>6.1f}"
+        )
+    print(
+        f"{'network (x blocks)':<16}{totals[0]:>10.1f}{totals[1]:>11.1f}{totals[0] / totals[1]:>6.1f}"
+        f"{totals[2]:>11.1f}{totals[3]:>11.1f}{totals[2] / totals[3]:>6.1f}"
+    )
 
 
 if __name__ == "__main__":

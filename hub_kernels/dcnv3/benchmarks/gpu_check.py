@@ -70,11 +70,21 @@ def off_grid_offsets(shape, offset_scale: float, dtype) -> torch.Tensor:
 
 def check_correctness(kernel) -> bool:
     ok = True
-    cases = [dict(group=4, depth=16), dict(group=2, depth=32, offset_scale=2.0), dict(group=3, depth=8, remove_center=True),
-             dict(group=2, depth=16, kernel=5, pad=2)]  # fmt: skip
+    cases = [
+        dict(group=4, depth=16),
+        dict(group=2, depth=32, offset_scale=2.0),
+        dict(group=3, depth=8, remove_center=True),
+        dict(group=2, depth=16, kernel=5, pad=2),
+    ]
     for case in cases:
-        args = settings(case["group"], case["depth"], case.get("kernel", 3), case.get("pad", 1),
-                        case.get("offset_scale", 1.0), case.get("remove_center", False))  # fmt: skip
+        args = settings(
+            case["group"],
+            case["depth"],
+            case.get("kernel", 3),
+            case.get("pad", 1),
+            case.get("offset_scale", 1.0),
+            case.get("remove_center", False),
+        )
         points = args[0] * args[1] - int(args[-1])
         for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
             value, offset, mask = inputs(3, 17, case["group"], case["depth"], points, dtype)
@@ -87,12 +97,16 @@ def check_correctness(kernel) -> bool:
             output.backward(upstream)
             reference.backward(upstream.float())
             errors = [((output.float() - reference).abs().max() / reference.abs().max()).item()]
-            errors += [((a.grad.float() - b.grad).abs().max() / b.grad.abs().max()).item()
-                       for a, b in zip(leaves, reference_leaves)]  # fmt: skip
+            errors += [
+                ((a.grad.float() - b.grad).abs().max() / b.grad.abs().max()).item()
+                for a, b in zip(leaves, reference_leaves)
+            ]
             passed = max(errors) <= tolerance
             ok &= passed
-            print(f"{'ok ' if passed else 'FAIL'} {case} {str(dtype):15} rel. errors out/value/offset/mask "
-                  + " ".join(f"{e:.1e}" for e in errors))  # fmt: skip
+            print(
+                f"{'ok ' if passed else 'FAIL'} {case} {str(dtype):15} rel. errors out/value/offset/mask "
+                + " ".join(f"{e:.1e}" for e in errors)
+            )
     return ok
 
 
@@ -134,8 +148,10 @@ def copy_bandwidth() -> float:
 def benchmark(kernel, batch: int) -> None:
     peak = copy_bandwidth()
     print(f"device copy bandwidth {peak / 1e9:.0f} GB/s; batch {batch}, float32 and bfloat16")
-    print(f"{'model':<6}{'stage':<14}{'dtype':<10}{'fwd ms':>8}{'fwd BW':>8}{'bwd ms':>8}{'bwd BW':>8}"
-          f"{'torch fwd':>10}{'torch bwd':>10}")  # fmt: skip
+    print(
+        f"{'model':<6}{'stage':<14}{'dtype':<10}{'fwd ms':>8}{'fwd BW':>8}{'bwd ms':>8}{'bwd BW':>8}"
+        f"{'torch fwd':>10}{'torch bwd':>10}"
+    )
     for model, stages in STAGES.items():
         for size, group in stages:
             for dtype in (torch.float32, torch.bfloat16):
@@ -154,10 +170,12 @@ def benchmark(kernel, batch: int) -> None:
                 size_of = value.element_size()
                 forward_bytes = (2 * value.numel() + offset.numel() + mask.numel()) * size_of
                 backward_bytes = 2 * forward_bytes + value.numel() * 4  # inputs + grads, float32 value accumulator
-                print(f"{model:<6}{f'{size}x{size} G={group}':<14}{str(dtype)[6:]:<10}{forward:>8.3f}"
-                      f"{forward_bytes / (forward * 1e-3) / peak:>8.0%}{backward:>8.3f}"
-                      f"{backward_bytes / (backward * 1e-3) / peak:>8.0%}{torch_forward:>10.3f}"
-                      f"{torch_backward:>10.3f}")  # fmt: skip
+                print(
+                    f"{model:<6}{f'{size}x{size} G={group}':<14}{str(dtype)[6:]:<10}{forward:>8.3f}"
+                    f"{forward_bytes / (forward * 1e-3) / peak:>8.0%}{backward:>8.3f}"
+                    f"{backward_bytes / (backward * 1e-3) / peak:>8.0%}{torch_forward:>10.3f}"
+                    f"{torch_backward:>10.3f}"
+                )
 
 
 def main() -> int:

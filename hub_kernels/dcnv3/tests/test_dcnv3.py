@@ -24,8 +24,20 @@ def kernel():
 
 
 def settings(group, group_channels, kernel_size=3, stride=1, pad=1, dilation=1, offset_scale=1.0, remove_center=False):
-    return (kernel_size, kernel_size, stride, stride, pad, pad, dilation, dilation, group, group_channels,
-            offset_scale, remove_center)  # fmt: skip
+    return (
+        kernel_size,
+        kernel_size,
+        stride,
+        stride,
+        pad,
+        pad,
+        dilation,
+        dilation,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
 
 
 def reference_dcnv3(value, offset, mask, settings_):
@@ -91,9 +103,11 @@ def test_forward_matches_reference(kernel, device, case):
     out = (output_size(9, case), output_size(11, case))
     value, offset, mask = random_inputs(2, 9, 11, case["group"], case["group_channels"], points, device, out=out)
     torch.testing.assert_close(
-        kernel.dcnv3(value, offset, mask, *args).double().cpu(), reference_dcnv3(value, offset, mask, args).cpu(),
-        atol=1e-5, rtol=1e-5,
-    )  # fmt: skip
+        kernel.dcnv3(value, offset, mask, *args).double().cpu(),
+        reference_dcnv3(value, offset, mask, args).cpu(),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.kernels_ci
@@ -135,8 +149,9 @@ def test_gradcheck(kernel, device, case):
     args = settings(**case)
     points = args[0] * args[1] - int(args[-1])
     inputs = [t.requires_grad_() for t in random_inputs(1, 5, 6, case["group"], 2, points, device, torch.float64)]
-    assert torch.autograd.gradcheck(lambda v, o, m: kernel.dcnv3(v, o, m, *settings(**{**case, "group_channels": 2})),
-                                    inputs, eps=1e-6, atol=1e-5)  # fmt: skip
+    assert torch.autograd.gradcheck(
+        lambda v, o, m: kernel.dcnv3(v, o, m, *settings(**{**case, "group_channels": 2})), inputs, eps=1e-6, atol=1e-5
+    )
 
 
 @pytest.mark.kernels_ci

@@ -26,8 +26,23 @@ def dcnv3(
 ) -> torch.Tensor:
     """Aggregate `input` (N, H, W, group * group_channels) at the sampling points given by `offset`
     (N, H_out, W_out, group * P * 2, (x, y) per point) with the weights `mask` (N, H_out, W_out, group * P)."""
-    return ops.dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                             dilation_w, group, group_channels, offset_scale, remove_center)  # fmt: skip
+    return ops.dcnv3_forward(
+        input,
+        offset,
+        mask,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
 
 
 @torch.library.register_fake(add_op_namespace_prefix("dcnv3_forward"))
