@@ -14,7 +14,7 @@ from transformers import (
 from .configuration_internimage import INTERNIMAGE_EVAL_RESOLUTION, INTERNIMAGE_VARIANTS, InternImageConfig
 from .dcnv3 import DCNv3Core, dcnv3_core_pytorch
 from .hub_kernels import DCNV3_KERNEL_REPO_ID, dcnv3_kernel_mapping, use_hub_kernels, uses_hub_kernel
-from .image_processing_internimage import build_image_processor
+from .image_processor_factory import build_image_processor
 from .modeling_internimage import (
     OPENGVLAB_HUB_KEY_MAPPING,
     InternImageBackbone,

@@ -24,6 +24,7 @@ from modeling_internimage import (
     DCNv3Core,
     InternImageConfig,
     InternImageForImageClassification,
+    build_image_processor,
     dcnv3_core_pytorch,
     use_hub_kernels,
     uses_hub_kernel,
@@ -146,6 +147,12 @@ def test_labels_as_a_python_list_are_accepted(small_classifier):
         from_list = small_classifier(pixel_values, labels=[0, 2]).loss
         from_tensor = small_classifier(pixel_values, labels=torch.tensor([0, 2])).loss
     torch.testing.assert_close(from_list, from_tensor)
+
+
+@pytest.mark.parametrize("size", [0, -224, 224.0, "224"])
+def test_image_processor_needs_a_positive_pixel_size(size):
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        build_image_processor(size=size)
 
 
 # --- DCNv3 operator and CPU kernel ---------------------------------------------------------------------------------

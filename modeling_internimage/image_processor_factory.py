@@ -1,7 +1,8 @@
 # Copyright 2026 The InternImage-HF authors. All rights reserved.
 #
 # Licensed under the MIT License.
-"""Image processor settings that reproduce the original InternImage evaluation transform."""
+"""A factory of transformers image processors configured as the original InternImage evaluation transform (no
+processor class of its own: transformers' `BitImageProcessor` does the work and is what gets saved)."""
 
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.utils import is_torchvision_available
@@ -20,6 +21,8 @@ def build_image_processor(variant: str | None = None, size: int | None = None):
         if variant is None:
             raise ValueError("Give a variant name or an explicit size.")
         size = INTERNIMAGE_EVAL_RESOLUTION[normalize_variant_name(variant)]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"The image size must be a positive number of pixels; got {size!r}.")
     if is_torchvision_available():
         from transformers import BitImageProcessor as processor_class
     else:
