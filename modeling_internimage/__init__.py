@@ -2,8 +2,12 @@
 #
 # Licensed under the MIT License.
 """InternImage for transformers. Importing the package registers the model type `internimage` with the Auto
-classes; saved models carry their code files and an `auto_map`, so they also load as Hub remote code."""
+classes and the DCNv3 kernel mapping with kernels; saved models carry their code files and an `auto_map`, so they
+also load as Hub remote code."""
 
+import logging
+
+from kernels import register_kernel_mapping
 from transformers import (
     AutoBackbone,
     AutoConfig,
@@ -35,6 +39,13 @@ InternImageConfig.register_for_auto_class("AutoConfig")
 InternImageModel.register_for_auto_class("AutoModel")
 InternImageForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 InternImageBackbone.register_for_auto_class("AutoBackbone")
+
+# So that `kernels.kernelize(model, ...)` and `from_pretrained(..., use_kernels=True)` find the DCNv3 kernel without a
+# `use_kernel_mapping` context (`use_hub_kernels` brings its own mapping and does not depend on this).
+try:
+    register_kernel_mapping(dcnv3_kernel_mapping())
+except ValueError as error:  # an overridden kernel repo without the trust opt-in
+    logging.getLogger(__name__).warning("DCNv3 kernel mapping not registered: %s", error)
 
 __all__ = [
     "DCNV3_KERNEL_REPO_ID",

@@ -159,9 +159,9 @@ def run_production_mapping(tmp_path: Path, cache: Path, trusted: bool = True) ->
     )
 
 
-def cached_kernel_repo(kernel_build: Path, cache: Path) -> None:
-    """test-org/dcnv3 at version 1 in an offline Hub cache, holding the local build."""
-    repo = cache / "kernels--test-org--dcnv3"
+def cached_kernel_repo(kernel_build: Path, cache: Path, repo_id: str = "test-org/dcnv3") -> None:
+    """`repo_id` at version 1 in an offline Hub cache, holding the local build."""
+    repo = cache / ("kernels--" + repo_id.replace("/", "--"))
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "v1").write_text(commit)
@@ -183,7 +183,9 @@ def test_overridden_repository_runs_no_code_without_the_opt_in(kernel_build, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert "swapped=False difference=0.00e+00" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING:modeling_internimage")]
-    assert len(warnings) == 1 and "INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1" in warnings[0], result.stderr
+    # One at import (the mapping is not registered), one where use_hub_kernels falls back; both say what to set.
+    assert len(warnings) == 2 and all("INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1" in w for w in warnings), warnings
+    assert "not registered" in warnings[0] and "keeps the PyTorch DCNv3 operator" in warnings[1]
 
 
 def test_only_the_packages_own_kernel_repo_is_trusted_by_default(monkeypatch):
@@ -303,3 +305,54 @@ def test_cuda_build_without_nvcc_is_skipped_unless_required(required, tmp_path):
             f"skipping the CUDA kernel build: no nvcc under {tmp_path / 'no-cuda'} (set CUDA_HOME, or "
             "INTERNIMAGE_REQUIRE_CUDA_BUILD=1 to fail)"
         ]
+
+
+REGISTERED_MAPPING_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from kernels import Mode, kernelize
+    from transformers import AutoModelForImageClassification
+    import modeling_internimage  # registers the DCNv3 kernel mapping with kernels
+    from modeling_internimage import InternImageConfig, InternImageForImageClassification, uses_hub_kernel
+
+    config = InternImageConfig(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8])
+    model = InternImageForImageClassification(config).eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    kernelize(model, mode=Mode.INFERENCE, device="cpu")
+    with torch.no_grad():
+        difference = (model(pixel_values).logits - expected).abs().max().item()
+    model.save_pretrained(sys.argv[1])
+    loaded = AutoModelForImageClassification.from_pretrained(sys.argv[1], use_kernels=True)
+    print(f"kernelize={uses_hub_kernel(model)} difference={difference:.2e} use_kernels={uses_hub_kernel(loaded)}")
+    """
+)
+
+
+def test_import_registers_the_kernel_mapping_for_kernelize_and_use_kernels(kernel_build, tmp_path):
+    """Without a use_kernel_mapping context: kernels.kernelize and from_pretrained(use_kernels=True) find the
+    package's repo (here in an offline Hub cache holding the local build)."""
+    cached_kernel_repo(kernel_build, tmp_path / "cache", DCNV3_KERNEL_REPO_ID)
+    (tmp_path / "registered.py").write_text(REGISTERED_MAPPING_SCRIPT)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / "cache"),
+        "KERNELS_CACHE": str(tmp_path / "cache"),
+    }
+    for variable in ("INTERNIMAGE_DCNV3_KERNEL_REPO", "INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE"):
+        env.pop(variable, None)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "registered.py"), str(tmp_path / "model")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernelized, difference, use_kernels = result.stdout.split()[-3:]
+    assert kernelized == "kernelize=True" and use_kernels == "use_kernels=True"
+    assert float(difference.split("=")[1]) <= 1e-5
