@@ -178,6 +178,9 @@ class InternImageLinear(nn.Linear):
         return super().forward(hidden_states)
 
 
+# The DCNv3 projections are initialised through their own classes, not keyed on the parent block as Deformable DETR
+# does: transformers skips `_init_weights` for a module without parameters of its own when the model is custom code
+# (`PreTrainedModel._initialize_weights`), which this package is, so a parent-keyed init would never run.
 class InternImageZeroInitLinear(InternImageLinear):
     """Linear layer initialised to zero: the DCNv3 offset and weight predictors (training starts from the regular
     grid with uniform weights) and the center-feature-scale projection (blend 0.5)."""
