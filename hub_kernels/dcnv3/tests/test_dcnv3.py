@@ -1,7 +1,8 @@
 """Tests of the dcnv3 kernel on its own: against a direct reference, with opcheck, gradcheck and torch.compile.
 
-The kernel under test is a built variant loaded through `kernels` (DCNV3_KERNEL_BUILD, default `../build`), so
-these tests exercise what would be published.
+The kernel is loaded as users load it, `kernels.get_kernel("internimage-hf/dcnv3", version=1)`, with
+`LOCAL_KERNELS` pointing that repo at a local build (default `../build`, or DCNV3_KERNEL_BUILD), so these tests
+exercise what would be published.
 """
 
 import os
@@ -9,18 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernels import get_local_kernel
+from kernels import get_kernel
 
 
+REPO_ID = "internimage-hf/dcnv3"
 BUILD = Path(os.environ.get("DCNV3_KERNEL_BUILD", Path(__file__).resolve().parents[1] / "build"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not BUILD.is_dir():
-        pytest.fail(f"no kernel build at {BUILD}: run `python hub_kernels/build_local.py dcnv3 --backend cpu`")
-    return get_local_kernel(BUILD)
+    with pytest.MonkeyPatch.context() as environment:
+        if "LOCAL_KERNELS" not in os.environ:
+            if not BUILD.is_dir():
+                pytest.fail(f"no kernel build at {BUILD}: run `python hub_kernels/build_local.py dcnv3 --backend cpu`")
+            environment.setenv("LOCAL_KERNELS", f"{REPO_ID}={BUILD}")
+        yield get_kernel(REPO_ID, version=1)
 
 
 def settings(group, group_channels, kernel_size=3, stride=1, pad=1, dilation=1, offset_scale=1.0, remove_center=False):
