@@ -39,7 +39,8 @@ KERNEL_BUILD = Path(__file__).resolve().parents[1] / "hub_kernels" / "dcnv3" / "
 
 
 def original_style_dcnv3(core: DCNv3Core, value, offset, mask):
-    """The original `dcnv3_core_pytorch` algorithm (reference doc section 2.1), for timing only."""
+    """The original repository's `dcnv3_core_pytorch` algorithm (pad, normalise, grid_sample, weighted sum), re-enacted
+    step by step for timing only."""
     kernel, pad, group, group_channels = core.kernel_size, core.pad, core.group, core.group_channels
     value = F.pad(value, [0, 0, pad, pad, pad, pad])
     batch, height_in, width_in, _ = value.shape
