@@ -256,16 +256,11 @@ def convert(*args) -> int:
     return converter.main([str(arg) for arg in args])
 
 
-def tiny_t_args(fixtures_dir, output_dir, *extra):
-    return [
-        "--checkpoint",
-        fixtures_dir / "models" / "tiny_t.safetensors",
-        "--original-config",
-        fixtures_dir / "models" / "tiny_t.json",
-        "--output-dir",
-        output_dir,
-        *extra,
-    ]
+def tiny_t_args(fixtures_dir, output_dir, *extra, checkpoint=None, architecture=None):
+    """Converter arguments for tiny_t's weights and architecture, either replaceable."""
+    checkpoint = checkpoint or fixtures_dir / "models" / "tiny_t.safetensors"
+    architecture = architecture or fixtures_dir / "models" / "tiny_t.json"
+    return ["--checkpoint", checkpoint, "--original-config", architecture, "--output-dir", output_dir, *extra]
 
 
 def one_error_line(capsys) -> str:
@@ -422,17 +417,7 @@ def test_non_finite_weights_are_named(fixtures_dir, tmp_path, capsys):
     state_dict = _tiny_t_state_dict()
     state_dict["levels.1.blocks.0.mlp.fc1.weight"][0, 0] = math.nan
     checkpoint = _torch_save(tmp_path / "nan.pth", {"model": state_dict})
-    assert (
-        convert(
-            "--checkpoint",
-            checkpoint,
-            "--original-config",
-            fixtures_dir / "models" / "tiny_t.json",
-            "--output-dir",
-            tmp_path / "out",
-        )
-        == 2
-    )
+    assert convert(*tiny_t_args(fixtures_dir, tmp_path / "out", checkpoint=checkpoint)) == 2
     error = one_error_line(capsys)
     assert "encoder.stages.1.layers.0.mlp.fc1.weight" in error and "NaN" in error
     assert not (tmp_path / "out").exists()
@@ -442,17 +427,7 @@ def test_integer_tensors_where_weights_belong_are_named(fixtures_dir, tmp_path, 
     state_dict = _tiny_t_state_dict()
     state_dict["head.weight"] = state_dict["head.weight"].long()
     checkpoint = _torch_save(tmp_path / "int.pth", {"model": state_dict})
-    assert (
-        convert(
-            "--checkpoint",
-            checkpoint,
-            "--original-config",
-            fixtures_dir / "models" / "tiny_t.json",
-            "--output-dir",
-            tmp_path / "out",
-        )
-        == 2
-    )
+    assert convert(*tiny_t_args(fixtures_dir, tmp_path / "out", checkpoint=checkpoint)) == 2
     assert "classifier.weight is stored as torch.int64" in one_error_line(capsys)
 
 
@@ -484,17 +459,7 @@ def test_bytes_flipped_inside_tensor_data_are_detected(fixtures_dir, tmp_path, c
     position = header + 30 + name_length + extra_length + member.file_size // 2
     data[position] ^= 0xFF
     (tmp_path / "flipped.pth").write_bytes(bytes(data))
-    assert (
-        convert(
-            "--checkpoint",
-            tmp_path / "flipped.pth",
-            "--original-config",
-            fixtures_dir / "models" / "tiny_t.json",
-            "--output-dir",
-            tmp_path / "out",
-        )
-        == 2
-    )
+    assert convert(*tiny_t_args(fixtures_dir, tmp_path / "out", checkpoint=tmp_path / "flipped.pth")) == 2
     assert f"member {member.filename} fails its CRC-32 check" in one_error_line(capsys)
 
 
@@ -504,17 +469,7 @@ def test_unsafe_pickle_keeps_torchs_line(fixtures_dir, tmp_path, capsys):
             return (os.system, ("echo this must never run",))
 
     checkpoint = _torch_save(tmp_path / "evil.pth", {"model": _tiny_t_state_dict(), "extra": RunsACommand()})
-    assert (
-        convert(
-            "--checkpoint",
-            checkpoint,
-            "--original-config",
-            fixtures_dir / "models" / "tiny_t.json",
-            "--output-dir",
-            tmp_path / "out",
-        )
-        == 2
-    )
+    assert convert(*tiny_t_args(fixtures_dir, tmp_path / "out", checkpoint=checkpoint)) == 2
     assert "Trying to load unsupported GLOBAL posix.system" in one_error_line(capsys)
 
 
@@ -529,17 +484,7 @@ def test_unsafe_pickle_keeps_torchs_line(fixtures_dir, tmp_path, capsys):
 def test_architecture_json_keys_and_values_are_checked(architecture, message, fixtures_dir, tmp_path, capsys):
     kwargs = json.loads((fixtures_dir / "models" / "tiny_t.json").read_text())["original_constructor_kwargs"]
     (tmp_path / "arch.json").write_text(json.dumps({**kwargs, **architecture}))
-    assert (
-        convert(
-            "--checkpoint",
-            fixtures_dir / "models" / "tiny_t.safetensors",
-            "--original-config",
-            tmp_path / "arch.json",
-            "--output-dir",
-            tmp_path / "out",
-        )
-        == 2
-    )
+    assert convert(*tiny_t_args(fixtures_dir, tmp_path / "out", architecture=tmp_path / "arch.json")) == 2
     assert message in one_error_line(capsys)
 
 
@@ -562,17 +507,7 @@ def test_architecture_json_keys_and_values_are_checked(architecture, message, fi
 )
 def test_malformed_training_yaml_names_the_field(yaml_text, message, fixtures_dir, tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(yaml_text)
-    assert (
-        convert(
-            "--checkpoint",
-            fixtures_dir / "models" / "tiny_t.safetensors",
-            "--original-config",
-            tmp_path / "config.yaml",
-            "--output-dir",
-            tmp_path / "out",
-        )
-        == 2
-    )
+    assert convert(*tiny_t_args(fixtures_dir, tmp_path / "out", architecture=tmp_path / "config.yaml")) == 2
     assert message in one_error_line(capsys)
 
 
