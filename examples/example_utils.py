@@ -73,11 +73,18 @@ class OutputArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output directory"})
 
 
+# Training settings every embedded demo shares (each script adds its own schedule); offline, on the CPU, seeded.
+COMMON_DEMO_FLAGS = (
+    "--do_train --do_eval --save_strategy no --logging_steps 20 --lr_scheduler_type cosine --use_cpu --report_to none "
+    "--seed 0"
+).split()
+
+
 def parse_example_arguments(data_class, argv: list[str], demo_defaults: list[str]):
-    """(model, data, output, training) arguments. Without a dataset the embedded demo runs, with `demo_defaults`
-    in front so that any flag given still wins."""
+    """(model, data, output, training) arguments. Without a dataset the embedded demo runs, with the common demo
+    flags and `demo_defaults` in front so that any flag given still wins."""
     if not any(flag in argv for flag in ("--dataset_name", "--train_dir")):
-        argv = demo_defaults + argv
+        argv = COMMON_DEMO_FLAGS + demo_defaults + argv
     parser = HfArgumentParser((ModelArguments, data_class, OutputArguments, TrainingArguments))
     arguments = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

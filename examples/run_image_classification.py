@@ -53,37 +53,10 @@ from modeling_internimage import InternImageForImageClassification, build_image_
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Training settings of the embedded digits demo; any flag given on the command line wins.
-DEMO_DEFAULTS = [
-    "--do_train",
-    "--do_eval",
-    "--num_train_epochs",
-    "15",
-    "--learning_rate",
-    "2e-3",
-    "--per_device_train_batch_size",
-    "32",
-    "--per_device_eval_batch_size",
-    "64",
-    "--eval_strategy",
-    "epoch",
-    "--save_strategy",
-    "no",
-    "--logging_steps",
-    "20",
-    "--weight_decay",
-    "0.05",
-    "--warmup_steps",
-    "40",
-    "--lr_scheduler_type",
-    "cosine",
-    "--remove_unused_columns",
-    "false",
-    "--use_cpu",
-    "--report_to",
-    "none",
-    "--seed",
-    "0",
-]
+DEMO_DEFAULTS = (
+    "--num_train_epochs 15 --learning_rate 2e-3 --per_device_train_batch_size 32 --per_device_eval_batch_size 64 "
+    "--eval_strategy epoch --weight_decay 0.05 --warmup_steps 40"
+).split()
 
 
 @dataclass
@@ -96,7 +69,7 @@ class DataTrainingArguments(DataArguments):
 
 def parse_arguments(argv: list[str]):
     # Digits must not be mirrored, and they are small: train at 64x64.
-    demo = DEMO_DEFAULTS + ["--horizontal_flip_probability", "0", "--image_size", "64"]
+    demo = DEMO_DEFAULTS + "--horizontal_flip_probability 0 --image_size 64".split()
     return parse_example_arguments(DataTrainingArguments, argv, demo)
 
 

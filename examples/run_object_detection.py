@@ -65,39 +65,10 @@ import modeling_internimage  # noqa: F401  (registers InternImage with the Auto 
 
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage2", "stage3", "stage4"]
-DEMO_DEFAULTS = [
-    "--do_train",
-    "--do_eval",
-    "--num_train_epochs",
-    "60",
-    "--learning_rate",
-    "1e-3",
-    "--per_device_train_batch_size",
-    "16",
-    "--per_device_eval_batch_size",
-    "32",
-    "--eval_strategy",
-    "no",
-    "--save_strategy",
-    "no",
-    "--logging_steps",
-    "20",
-    "--weight_decay",
-    "1e-4",
-    "--warmup_steps",
-    "50",
-    "--lr_scheduler_type",
-    "cosine",
-    "--max_grad_norm",
-    "0.1",
-    "--remove_unused_columns",
-    "false",
-    "--use_cpu",
-    "--report_to",
-    "none",
-    "--seed",
-    "0",
-]
+DEMO_DEFAULTS = (
+    "--num_train_epochs 60 --learning_rate 1e-3 --per_device_train_batch_size 16 --per_device_eval_batch_size 32 "
+    "--eval_strategy no --weight_decay 1e-4 --warmup_steps 50 --max_grad_norm 0.1"
+).split()
 
 
 @dataclass
@@ -111,16 +82,7 @@ class DataTrainingArguments(DataArguments):
 
 
 def parse_arguments(argv: list[str]):
-    demo = DEMO_DEFAULTS + [
-        "--image_size",
-        "96",
-        "--detector_width",
-        "64",
-        "--num_queries",
-        "30",
-        "--decoder_layers",
-        "3",
-    ]
+    demo = DEMO_DEFAULTS + "--image_size 96 --detector_width 64 --num_queries 30 --decoder_layers 3".split()
     return parse_example_arguments(DataTrainingArguments, argv, demo)
 
 

@@ -62,37 +62,10 @@ import modeling_internimage  # noqa: F401  (registers InternImage with the Auto 
 
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage1", "stage2", "stage3", "stage4"]
-DEMO_DEFAULTS = [
-    "--do_train",
-    "--do_eval",
-    "--num_train_epochs",
-    "100",
-    "--learning_rate",
-    "2e-3",
-    "--per_device_train_batch_size",
-    "16",
-    "--per_device_eval_batch_size",
-    "32",
-    "--eval_strategy",
-    "no",
-    "--save_strategy",
-    "no",
-    "--logging_steps",
-    "20",
-    "--weight_decay",
-    "0.01",
-    "--warmup_steps",
-    "30",
-    "--lr_scheduler_type",
-    "cosine",
-    "--remove_unused_columns",
-    "false",
-    "--use_cpu",
-    "--report_to",
-    "none",
-    "--seed",
-    "0",
-]
+DEMO_DEFAULTS = (
+    "--num_train_epochs 100 --learning_rate 2e-3 --per_device_train_batch_size 16 --per_device_eval_batch_size 32 "
+    "--eval_strategy no --weight_decay 0.01 --warmup_steps 30"
+).split()
 
 
 @dataclass
@@ -105,7 +78,7 @@ class DataTrainingArguments(DataArguments):
 
 
 def parse_arguments(argv: list[str]):
-    demo = DEMO_DEFAULTS + ["--image_size", "96", "--decode_hidden_size", "64"]
+    demo = DEMO_DEFAULTS + "--image_size 96 --decode_hidden_size 64".split()
     return parse_example_arguments(DataTrainingArguments, argv, demo)
 
 
