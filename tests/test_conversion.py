@@ -24,6 +24,13 @@ def convert(*args) -> int:
     return converter.main([str(arg) for arg in args])
 
 
+def fixture_args(fixtures_dir, name, output_dir, *extra):
+    """Converter arguments for a model fixture's state dict and constructor JSON."""
+    models = fixtures_dir / "models"
+    return ["--checkpoint", models / f"{name}.safetensors", "--original-config", models / f"{name}.json",
+            "--output-dir", output_dir, *extra]  # fmt: skip
+
+
 def assert_logits_match_fixture(model_dir, name):
     _, _, io = load_fixture_case(name)
     model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
@@ -87,17 +94,7 @@ def test_checkpoint_with_pickled_training_config_converts(fixtures_dir, tmp_path
 
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
 def test_safetensors_state_dict_with_constructor_json_converts(name, fixtures_dir, tmp_path):
-    assert (
-        convert(
-            "--checkpoint",
-            fixtures_dir / "models" / f"{name}.safetensors",
-            "--original-config",
-            fixtures_dir / "models" / f"{name}.json",
-            "--output-dir",
-            tmp_path / name,
-        )
-        == 0
-    )
+    assert convert(*fixture_args(fixtures_dir, name, tmp_path / name)) == 0
     assert_logits_match_fixture(tmp_path / name, name)
 
 
@@ -164,23 +161,8 @@ def test_original_training_yaml_gives_the_architecture(fixtures_dir, tmp_path):
 def test_label_names_storage_dtype_and_shards(fixtures_dir, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"class number {idx}" for idx in range(10)))
-    assert (
-        convert(
-            "--checkpoint",
-            fixtures_dir / "models" / "tiny_h.safetensors",
-            "--original-config",
-            fixtures_dir / "models" / "tiny_h.json",
-            "--output-dir",
-            tmp_path / "out",
-            "--label-file",
-            labels,
-            "--dtype",
-            "bfloat16",
-            "--max-shard-size",
-            "5MB",
-        )
-        == 0
-    )
+    options = ["--label-file", labels, "--dtype", "bfloat16", "--max-shard-size", "5MB"]
+    assert convert(*fixture_args(fixtures_dir, "tiny_h", tmp_path / "out", *options)) == 0
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
@@ -285,18 +267,7 @@ def test_overwrite_replaces_an_existing_directory(fixtures_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "stale.txt").write_text("old")
-    assert (
-        convert(
-            "--checkpoint",
-            fixtures_dir / "models" / "tiny_s.safetensors",
-            "--original-config",
-            fixtures_dir / "models" / "tiny_s.json",
-            "--output-dir",
-            target,
-            "--overwrite",
-        )
-        == 0
-    )
+    assert convert(*fixture_args(fixtures_dir, "tiny_s", target, "--overwrite")) == 0
     assert not (target / "stale.txt").exists()
     assert_logits_match_fixture(target, "tiny_s")
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
@@ -323,17 +294,7 @@ def test_failed_verification_leaves_nothing(fixtures_dir, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("name", ["tiny_t", "tiny_g"])
 def test_converted_directory_loads_as_remote_code(name, fixtures_dir, tmp_path):
-    assert (
-        convert(
-            "--checkpoint",
-            fixtures_dir / "models" / f"{name}.safetensors",
-            "--original-config",
-            fixtures_dir / "models" / f"{name}.json",
-            "--output-dir",
-            tmp_path / "out",
-        )
-        == 0
-    )
+    assert convert(*fixture_args(fixtures_dir, name, tmp_path / "out")) == 0
     _, _, io = load_fixture_case(name)
     outputs = run_as_remote_code(tmp_path / "out", io["input0.pixel_values"], tmp_path)
     torch.testing.assert_close(outputs["logits"], io["input0.logits"], atol=1e-4, rtol=0)
