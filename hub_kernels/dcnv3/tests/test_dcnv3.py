@@ -5,7 +5,11 @@ The kernel is loaded as users load it, `kernels.get_kernel("internimage-hf/dcnv3
 exercise what would be published.
 """
 
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from kernels import get_kernel
 
 
 REPO_ID = "internimage-hf/dcnv3"
+KERNEL_ROOT = Path(__file__).resolve().parents[1]
 BUILD = Path(os.environ.get("DCNV3_KERNEL_BUILD", Path(__file__).resolve().parents[1] / "build"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -258,3 +263,26 @@ def test_remove_center_needs_odd_kernel(kernel):
     inputs = random_inputs(1, 6, 6, 1, 4, 15, out=(7, 7))
     with pytest.raises(RuntimeError, match="odd kernel"):
         kernel.dcnv3(*inputs, 4, 4, 1, 1, 2, 2, 1, 1, 1, 4, 1.0, True)
+
+
+def test_benchmark_reference_matches_the_test_reference():
+    """The `grid_sample` reference the benchmarks verify against computes the DCNv3 definition."""
+    path = KERNEL_ROOT / "benchmarks" / "benchmark_dcnv3.py"
+    spec = importlib.util.spec_from_file_location("benchmark_dcnv3", path)
+    benchmarks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmarks)
+    value, offset, mask = (tensor.double() for tensor in random_inputs(2, 7, 6, 3, 4, 9))
+    expected = reference_dcnv3(value, offset, mask, settings(3, 4))
+    torch.testing.assert_close(benchmarks.dcnv3_reference(value, offset, mask, 3), expected)
+
+
+def test_kernels_benchmark_runs_and_verifies_every_workload(tmp_path):
+    """`kernels benchmark <this tree>` (the build under it) runs every workload and each matches the reference."""
+    if not (KERNEL_ROOT / "build").is_dir():
+        pytest.fail("no kernel build under the tree: run `python hub_kernels/build_local.py dcnv3 --backend cpu`")
+    command = [sys.executable, "-c", "from kernels.cli import main; main()", "benchmark", str(KERNEL_ROOT),
+               "--iterations", "1", "--warmup", "0", "--output", str(tmp_path / "results.json")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    workloads = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(workloads) == 8 and all(workload["verified"] for workload in workloads)

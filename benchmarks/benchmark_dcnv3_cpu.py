@@ -2,7 +2,7 @@
 InternImage-T (batch 8, 224x224 input), measured in one run. Prints per-stage medians and the ratio over a whole
 network pass (each stage weighted by its number of blocks: 4, 4, 18, 4).
 
-    .venv/bin/python hub_kernels/dcnv3/benchmarks/benchmark.py [--build hub_kernels/dcnv3/build] [--repeats 7]
+    .venv/bin/python benchmarks/benchmark_dcnv3_cpu.py [--build hub_kernels/dcnv3/build] [--repeats 7]
 """
 
 import argparse
@@ -59,7 +59,7 @@ def measure(op, inputs, settings, repeats):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build", type=Path, default=Path(__file__).resolve().parents[1] / "build")
+    parser.add_argument("--build", type=Path, default=Path(__file__).resolve().parents[1] / "hub_kernels" / "dcnv3" / "build")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     kernel = get_local_kernel(args.build)
