@@ -11,14 +11,21 @@ parameter-free so that the kernels hub can swap its forward for a compiled kerne
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import is_kernels_available
 
 
-try:  # `kernels` is optional: without it the class is simply not swappable.
-    from kernels import use_kernel_forward_from_hub
-except ImportError:  # pragma: no cover - exercised only where kernels is missing
+if is_kernels_available():
+    # transformers' decorator, which honours USE_HUB_KERNELS.
+    from transformers.integrations import use_kernel_forward_from_hub
+else:
+    # transformers accepts only some kernels releases (5.23 wants kernels >= 0.18.2) and then makes its decorator a
+    # no-op; the package calls kernels directly, so it decorates with kernels' own where kernels is installed at all.
+    try:
+        from kernels import use_kernel_forward_from_hub
+    except ImportError:  # pragma: no cover - exercised only where kernels is missing
 
-    def use_kernel_forward_from_hub(layer_name, condition=None):
-        return lambda cls: cls
+        def use_kernel_forward_from_hub(layer_name: str):
+            return lambda cls: cls
 
 
 def _sampling_grid_base(

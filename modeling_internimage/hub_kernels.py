@@ -118,6 +118,12 @@ def use_hub_kernels(
         _restore_pytorch_forward(model)
         return model
     mode = _as_mode(mode) if mode is not None else (Mode.TRAINING if model.training else Mode.INFERENCE)
+    if getattr(DCNv3Core, "kernel_layer_name", None) is None:
+        message = "hub kernels are disabled (USE_HUB_KERNELS) for this process"
+        if strict:
+            raise RuntimeError(message)
+        logger.warning("%s; InternImage keeps the PyTorch DCNv3 operator.", message)
+        return model
     if mapping is None:
         try:
             mapping = dcnv3_kernel_mapping()

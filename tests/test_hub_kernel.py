@@ -356,3 +356,22 @@ def test_import_registers_the_kernel_mapping_for_kernelize_and_use_kernels(kerne
     kernelized, difference, use_kernels = result.stdout.split()[-3:]
     assert kernelized == "kernelize=True" and use_kernels == "use_kernels=True"
     assert float(difference.split("=")[1]) <= 1e-5
+
+
+def test_use_hub_kernels_false_keeps_the_pytorch_operator_and_says_why(tmp_path):
+    """USE_HUB_KERNELS=NO (transformers' switch) leaves DCNv3Core undecorated: no kernel, one warning naming it."""
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING, format='WARNING:%(name)s:%(message)s')\n"
+        "from modeling_internimage import InternImageConfig, InternImageModel, use_hub_kernels, uses_hub_kernel\n"
+        "model = InternImageModel(InternImageConfig(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8]))\n"
+        "use_hub_kernels(model)\n"
+        "print(f'swapped={uses_hub_kernel(model)}')\n"
+    )
+    env = {**os.environ, "USE_HUB_KERNELS": "NO", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "swapped=False"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING:modeling_internimage")]
+    assert len(warnings) == 1 and "USE_HUB_KERNELS" in warnings[0], result.stderr
