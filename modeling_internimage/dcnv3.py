@@ -8,24 +8,30 @@ the aggregated map; the learned projections that produce those tensors live in t
 parameter-free so that the kernels hub can swap its forward for a compiled kernel (`kernels.kernelize`).
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import is_kernels_available
+from transformers.utils import ENV_VARS_TRUE_VALUES, is_kernels_available
+
+
+def _undecorated(layer_name: str):
+    return lambda cls: cls
 
 
 if is_kernels_available():
     # transformers' decorator, which honours USE_HUB_KERNELS.
     from transformers.integrations import use_kernel_forward_from_hub
+elif os.environ.get("USE_HUB_KERNELS", "YES").upper() not in ENV_VARS_TRUE_VALUES:
+    use_kernel_forward_from_hub = _undecorated
 else:
     # transformers accepts only some kernels releases (5.23 wants kernels >= 0.18.2) and then makes its decorator a
     # no-op; the package calls kernels directly, so it decorates with kernels' own where kernels is installed at all.
     try:
         from kernels import use_kernel_forward_from_hub
     except ImportError:  # pragma: no cover - exercised only where kernels is missing
-
-        def use_kernel_forward_from_hub(layer_name: str):
-            return lambda cls: cls
+        use_kernel_forward_from_hub = _undecorated
 
 
 def _sampling_grid_base(

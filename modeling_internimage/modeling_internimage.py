@@ -534,7 +534,9 @@ class InternImagePreTrainedModel(PreTrainedModel):
     def post_init(self):
         super().post_init()
         if self.config.with_cp:
-            self.gradient_checkpointing_enable()
+            # transformers 5.23 renamed the method (the old name warns); earlier releases have only the old one.
+            enable = getattr(self, "activation_checkpointing_enable", None) or self.gradient_checkpointing_enable
+            enable()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -391,7 +391,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(pixel_values):
     for with_cp in (False, True):
         torch.manual_seed(0)
         model = trained_like(InternImageForImageClassification(tiny_config(with_cp=with_cp))).train()
-        assert model.is_gradient_checkpointing == with_cp
+        # transformers 5.23 renamed the property (the old name warns); earlier releases have only the old one.
+        name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else None
+        assert getattr(model, name or "is_gradient_checkpointing") == with_cp
         model(pixel_values, labels=labels).loss.backward()
         gradients.append(model.internimage.embeddings.conv1.weight.grad)
     torch.testing.assert_close(gradients[0], gradients[1])
