@@ -59,7 +59,9 @@ def measure(op, inputs, settings, repeats):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build", type=Path, default=Path(__file__).resolve().parents[1] / "hub_kernels" / "dcnv3" / "build")
+    parser.add_argument(
+        "--build", type=Path, default=Path(__file__).resolve().parents[1] / "hub_kernels" / "dcnv3" / "build"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     kernel = get_local_kernel(args.build)

@@ -27,6 +27,10 @@ from checkpoint_sources import (
     load_source,
 )
 from huggingface_hub import HfApi, constants, snapshot_download
+
+# The parser save_pretrained applies to max_shard_size (through split_torch_state_dict_into_shards), so that a size
+# it would refuse is refused before anything is written.
+from huggingface_hub.serialization._base import parse_size_to_int
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from model_card import render_model_card
 from output_directory import check_output_target, remove_leftovers, write_atomically
@@ -131,7 +135,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
     if args.image_size is not None and args.image_size < SMALLEST_IMAGE_SIZE:
         raise ConversionError(f"--image-size {args.image_size} must be at least {SMALLEST_IMAGE_SIZE} pixels")
     try:
-        shard_bytes = parse_size(args.max_shard_size)
+        shard_bytes = parse_size_to_int(args.max_shard_size)
     except ValueError:
         shard_bytes = 0
     if shard_bytes <= 0:
@@ -149,16 +153,6 @@ def validate_arguments(args: argparse.Namespace) -> None:
 
 def hub_is_offline() -> bool:
     return constants.HF_HUB_OFFLINE
-
-
-def parse_size(size: str) -> int:
-    """Bytes of a size such as `2GB`, `500MB`, `5MiB` or a plain number."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
-    if not match:
-        raise ValueError(size)
-    unit = match[2] or "B"
-    base = 1024 if "I" in unit else 1000
-    return int(float(match[1]) * base ** "BKMGT".index(unit[0]))
 
 
 def build_config(
