@@ -120,6 +120,8 @@ def check_output_target(output_dir: Path, inputs: dict[str, Path | None]) -> Non
     """Refuse an output directory that is or holds the working directory, or is, holds or lies inside a file or
     directory the conversion reads (`inputs`: role -> path)."""
     target = output_dir.resolve()
+    if target.exists() and not target.is_dir():
+        raise ConversionError(f"--output-dir {output_dir} is a file, not a directory")
     if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
         raise ConversionError(
             f"--output-dir {output_dir} is the current directory or one of its parents; name a new directory"

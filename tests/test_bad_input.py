@@ -361,6 +361,13 @@ def test_output_under_a_file_is_one_line(fixtures_dir, tmp_path, capsys):
     assert "not a writable directory" in one_error_line(capsys)
 
 
+def test_an_existing_file_is_not_replaced_by_a_directory(fixtures_dir, tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    assert convert(*tiny_t_args(fixtures_dir, tmp_path / "out", "--overwrite")) == 2
+    assert "is a file, not a directory" in one_error_line(capsys)
+    assert (tmp_path / "out").read_text() == "mine"
+
+
 def test_replacing_keeps_a_whole_directory_in_place_at_every_instant(fixtures_dir, existing_output, tmp_path):
     """kill -9 at several points of a replacement (fractions of a whole run's time, most of them in its writing
     phase): the target always holds a whole old or new directory, and the next conversion leaves nothing behind."""
