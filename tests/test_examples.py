@@ -199,32 +199,18 @@ def test_bad_classification_arguments_stop_before_training(tmp_path):
         assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
 
 
+def assert_trains_cat_and_dog(tmp_path, *data_flags):
+    """A one-epoch classification run on local data at 32x32 whose saved model names the classes cat and dog."""
+    flags = "--do_train --do_eval --num_train_epochs 1 --image_size 32 --use_cpu --report_to none".split()
+    results = run_image_classification.main([*map(str, data_flags), *flags, "--output_dir", str(tmp_path / "out")])
+    assert "eval_accuracy" in results
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.id2label == {0: "cat", 1: "dog"}
+
+
 def test_local_image_folder_classification(tmp_path):
     write_image_folder(tmp_path / "train", ["cat", "dog"])
     write_image_folder(tmp_path / "val", ["cat", "dog"], images_per_class=2)
-    results = run_image_classification.main(
-        [
-            "--train_dir",
-            str(tmp_path / "train"),
-            "--validation_dir",
-            str(tmp_path / "val"),
-            "--do_train",
-            "--do_eval",
-            "--num_train_epochs",
-            "1",
-            "--image_size",
-            "32",
-            "--remove_unused_columns",
-            "false",
-            "--use_cpu",
-            "--report_to",
-            "none",
-            "--output_dir",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert "eval_accuracy" in results
-    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.id2label == {0: "cat", 1: "dog"}
+    assert_trains_cat_and_dog(tmp_path, "--train_dir", tmp_path / "train", "--validation_dir", tmp_path / "val")
 
 
 def test_detection_box_outside_its_image_is_refused(tmp_path):
@@ -409,24 +395,4 @@ def test_classification_with_named_labels_and_trainer_defaults(tmp_path):
         Image.fromarray(np.full((20, 20, 3), 30 * idx, dtype=np.uint8)).save(train / f"{idx}.png")
         rows.append({"file_name": f"{idx}.png", "label": "cat" if idx % 2 else "dog"})
     (train / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    results = run_image_classification.main(
-        [
-            "--train_dir",
-            str(train),
-            "--do_train",
-            "--do_eval",
-            "--num_train_epochs",
-            "1",
-            "--image_size",
-            "32",
-            "--train_val_split",
-            "0.25",
-            "--use_cpu",
-            "--report_to",
-            "none",
-            "--output_dir",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert "eval_accuracy" in results
-    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.id2label == {0: "cat", 1: "dog"}
+    assert_trains_cat_and_dog(tmp_path, "--train_dir", train, "--train_val_split", "0.25")
