@@ -22,6 +22,7 @@ from kernels import (
     kernelize,
     use_kernel_mapping,
 )
+from transformers.utils import ENV_VARS_TRUE_VALUES
 
 from .dcnv3 import DCNv3Core
 
@@ -56,7 +57,9 @@ def dcnv3_kernel_mapping(
     repo_id = repo_id or os.environ.get("INTERNIMAGE_DCNV3_KERNEL_REPO") or DCNV3_KERNEL_REPO_ID
     revision = revision or os.environ.get("INTERNIMAGE_DCNV3_KERNEL_REVISION") or None
     if trust_remote_code is None:
-        trust_remote_code = os.environ.get("INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE", "").lower() in ("1", "true")
+        trust_remote_code = (
+            os.environ.get("INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE", "").upper() in ENV_VARS_TRUE_VALUES
+        )
     if repo_id != DCNV3_KERNEL_REPO_ID and not trust_remote_code:
         raise ValueError(
             f"the DCNv3 kernel repo {repo_id} is not the package's own ({DCNV3_KERNEL_REPO_ID}); running its code "
@@ -119,26 +122,15 @@ def use_hub_kernels(
         return model
     mode = _as_mode(mode) if mode is not None else (Mode.TRAINING if model.training else Mode.INFERENCE)
     if getattr(DCNv3Core, "kernel_layer_name", None) is None:
-        message = "hub kernels are disabled (USE_HUB_KERNELS) for this process"
-        if strict:
-            raise RuntimeError(message)
-        logger.warning("%s; InternImage keeps the PyTorch DCNv3 operator.", message)
-        return model
+        return _keep_pytorch_operator(model, "hub kernels are disabled (USE_HUB_KERNELS) for this process", strict)
     if mapping is None:
         try:
             mapping = dcnv3_kernel_mapping()
         except ValueError as error:
-            if strict:
-                raise
-            logger.warning("%s; InternImage keeps the PyTorch DCNv3 operator.", error)
-            return model
+            return _keep_pytorch_operator(model, str(error), strict, ValueError)
     device = _model_device(model)
     if not any(_covers(key, device) for key in mapping.get(DCNV3_LAYER_NAME, {})):
-        message = f"no DCNv3 hub kernel for device '{device}'"
-        if strict:
-            raise RuntimeError(message)
-        logger.warning("%s; InternImage keeps the PyTorch DCNv3 operator.", message)
-        return model
+        return _keep_pytorch_operator(model, f"no DCNv3 hub kernel for device '{device}'", strict)
     fallback = KernelizeFallback.NONE if strict else KernelizeFallback.ALL
     try:
         with use_kernel_mapping(mapping, inherit_mapping=False):
@@ -158,6 +150,16 @@ def use_hub_kernels(
             device,
             mode,
         )
+    return model
+
+
+def _keep_pytorch_operator(
+    model: torch.nn.Module, reason: str, strict: bool, error_type: type[Exception] = RuntimeError
+) -> torch.nn.Module:
+    """Why no kernel can run: raised in strict mode, else one warning (the model keeps the PyTorch operator)."""
+    if strict:
+        raise error_type(reason)
+    logger.warning("%s; InternImage keeps the PyTorch DCNv3 operator.", reason)
     return model
 
 
