@@ -286,3 +286,89 @@ def test_kernels_benchmark_runs_and_verifies_every_workload(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     workloads = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(workloads) == 8 and all(workload["verified"] for workload in workloads)
+
+
+# The MLP layer's fused linear (CPU variant only): exactly what nn.Linear and the activation compute.
+ACTIVATIONS = {"none": lambda x: x, "gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu}
+
+
+def mlp_weights(in_features=24, out_features=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    return weight, torch.randn(out_features, generator=generator)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_linear_activation_matches_linear_then_activation(kernel, activation):
+    weight, bias = mlp_weights()
+    inputs = 3 * torch.randn(2, 5, 7, 24, generator=torch.Generator().manual_seed(1))
+    fused = kernel.ops.linear_activation(inputs, weight, bias, activation)
+    expected = ACTIVATIONS[activation](torch.nn.functional.linear(inputs, weight, bias))
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    if torch.backends.mkldnn.is_available():  # the fast path is live, not the ATen fallback
+        run = lambda: kernel.ops.linear_activation(inputs, weight, bias, activation)  # noqa: E731
+        assert _op_calls(run, "mkldnn::_linear_pointwise") == 1
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("layout", ["transposed", "no bias", "float64", "empty"])
+def test_linear_activation_handles_any_input(kernel, layout):
+    weight, bias = mlp_weights()
+    inputs = torch.randn(3, 4, 24, generator=torch.Generator().manual_seed(2))
+    if layout == "transposed":
+        inputs = torch.randn(3, 24, 4).transpose(1, 2)
+    elif layout == "no bias":
+        bias = None
+    elif layout == "float64":
+        inputs, weight, bias = inputs.double(), weight.double(), bias.double()
+    elif layout == "empty":
+        inputs = inputs[:0]
+    fused = kernel.ops.linear_activation(inputs, weight, bias, "gelu")
+    expected = torch.nn.functional.gelu(torch.nn.functional.linear(inputs, weight, bias))
+    assert fused.dtype == inputs.dtype and fused.shape == expected.shape
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_activation_names_a_bad_activation_or_shape(kernel):
+    weight, bias = mlp_weights()
+    with pytest.raises(RuntimeError, match="unknown activation 'tanh'"):
+        kernel.ops.linear_activation(torch.randn(2, 24), weight, bias, "tanh")
+    with pytest.raises(RuntimeError, match="input has 23 features but the weight expects 24"):
+        kernel.ops.linear_activation(torch.randn(2, 23), weight, bias, "gelu")
+
+
+class HostMLP(torch.nn.Module):
+    """What the layer is kernelized onto: InternImage's MLP in the attributes the layer reads."""
+
+    def __init__(self, hidden_act="gelu"):
+        super().__init__()
+        self.hidden_act = hidden_act
+        self.fc1, self.fc2 = torch.nn.Linear(24, 40), torch.nn.Linear(40, 24)
+        self.act = {"gelu": torch.nn.GELU(), "relu": torch.nn.ReLU(), "silu": torch.nn.SiLU()}[hidden_act]
+        self.dropout = torch.nn.Dropout(0.0)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden_states)))))
+
+
+def _op_calls(run, op_suffix):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    return sum(event.count for event in profiler.key_averages() if event.key.endswith(op_suffix))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("hidden_act", ["gelu", "relu", "silu"])
+def test_mlp_layer_fuses_in_inference_and_steps_aside_otherwise(kernel, hidden_act):
+    host = HostMLP(hidden_act).eval()
+    layer_forward = kernel.layers.InternImageMLP.forward.__get__(host)
+    inputs = torch.randn(2, 6, 6, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert _op_calls(lambda: layer_forward(inputs), "::linear_activation") == 2
+        torch.testing.assert_close(layer_forward(inputs), host(inputs), atol=1e-5, rtol=1e-5)
+    # Gradients wanted, or bfloat16 autocast: the host's own layers run.
+    assert _op_calls(lambda: layer_forward(inputs).sum().backward(), "::linear_activation") == 0
+    assert host.fc1.weight.grad is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _op_calls(lambda: layer_forward(inputs), "::linear_activation") == 0

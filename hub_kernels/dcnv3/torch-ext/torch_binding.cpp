@@ -15,6 +15,9 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
 #if defined(CPU_KERNEL)
   ops.impl("dcnv3_forward", torch::kCPU, &dcnv3_forward_cpu);
   ops.impl("dcnv3_backward", torch::kCPU, &dcnv3_backward_cpu);
+  // Inference only (no autograd formula): the InternImageMLP layer uses it where no gradient is wanted.
+  ops.def("linear_activation(Tensor input, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  ops.impl("linear_activation", torch::kCPU, &linear_activation_cpu);
 #elif defined(CUDA_KERNEL) || defined(ROCM_KERNEL)
   ops.impl("dcnv3_forward", torch::kCUDA, &dcnv3_forward_cuda);
   ops.impl("dcnv3_backward", torch::kCUDA, &dcnv3_backward_cuda);

@@ -2,6 +2,8 @@
 
 #include <torch/all.h>
 
+#include <optional>
+#include <string>
 #include <vector>
 
 // Arguments follow the original DCNv3 operator (without its im2col_step, which this implementation does not need).
@@ -18,6 +20,8 @@
 #if defined(CPU_KERNEL)
 torch::Tensor dcnv3_forward_cpu(DCNV3_FORWARD_ARGS);
 std::vector<torch::Tensor> dcnv3_backward_cpu(DCNV3_BACKWARD_ARGS);
+torch::Tensor linear_activation_cpu(const torch::Tensor &input, const torch::Tensor &weight,
+                                    const std::optional<torch::Tensor> &bias, const std::string &activation);
 #endif
 
 #if defined(CUDA_KERNEL) || defined(ROCM_KERNEL)

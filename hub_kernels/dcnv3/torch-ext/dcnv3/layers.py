@@ -1,5 +1,5 @@
-"""Hub layer replacing the forward of InternImage's `DCNv3Core` (kernels' layer rules: no `__init__`, no state of
-its own; it reads the host module's settings through `self`)."""
+"""Hub layers replacing the forward of InternImage's `DCNv3Core` and, on the CPU, of its MLP (kernels' layer rules:
+no `__init__`, no state of their own; they read the host module's settings and submodules through `self`)."""
 
 import torch
 from torch import nn
@@ -39,3 +39,52 @@ class DCNv3(nn.Module):
             float(self.offset_scale),
             bool(self.remove_center),
         )
+
+
+# Activations the fused linear applies, by the host MLP's `hidden_act` (transformers' ACT2FN names).
+FUSED_ACTIVATIONS = ("gelu", "relu", "silu")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fusable(mlp: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """float32 CPU inference through plain nn.Linear layers: the fused op has no autograd formula and knows nothing of
+    adapters or quantised layers that replace fc1/fc2 (e.g. peft's LoRA), which must run as they are."""
+    if mlp.training or mlp.hidden_act not in FUSED_ACTIVATIONS or not hasattr(ops, "linear_activation"):
+        return False
+    if type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear:
+        return False
+    # Hooks, and a replaced `forward` of a linear layer (accelerate's hooks wrap it), would be skipped by the fused op.
+    # (`kernelize` itself sets the activation's `forward` when it is a hub layer without a kernel.)
+    if any(_has_hooks(module) for module in (mlp.fc1, mlp.act, mlp.fc2)):
+        return False
+    if "forward" in vars(mlp.fc1) or "forward" in vars(mlp.fc2):
+        return False
+    if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    weights = (mlp.fc1.weight, mlp.fc2.weight)
+    if any(weight.device.type != "cpu" or weight.dtype != torch.float32 for weight in weights):
+        return False
+    return not (torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights)))
+
+
+class InternImageMLP(nn.Module):
+    """InternImage's MLP (fc1, activation, fc2) for CPU inference: each linear layer one oneDNN op with its bias, fc1
+    with the activation fused. Elsewhere (training, autocast, other dtypes or devices) it runs the host's layers."""
+
+    hidden_act: str
+    fc1: nn.Linear
+    act: nn.Module
+    fc2: nn.Linear
+    dropout: nn.Module
+
+    can_torch_compile = False
+    has_backward = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not _fusable(self, hidden_states):
+            return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden_states)))))
+        hidden_states = ops.linear_activation(hidden_states, self.fc1.weight, self.fc1.bias, self.hidden_act)
+        return ops.linear_activation(hidden_states, self.fc2.weight, self.fc2.bias, "none")
