@@ -1,14 +1,14 @@
 """CPU forward latency of InternImage-T at 224 against transformers' ConvNeXt-T and Swin-T, built from config in the
 same run. Prints milliseconds and ratios to ConvNeXt-T; not a test (timings depend on the machine).
 
-"InternImage-T (CPU kernel)" runs the DCNv3 hub kernel's CPU variant built locally
+"InternImage-T (CPU kernel)" runs the hub kernel's CPU variant built locally
 (`bash scripts/build_kernels.sh cpu`), when present. "InternImage-T (original op)" is the same model with the
 original repository's PyTorch operator re-enacted step by step (padding, float32 reference grids, grid_sample over
 (N*G, H*W, P) grids, mask multiply-sum, Tensor.softmax), so the gain of this package's operator is measured in the
 same run. "InternImage-T (no DCNv3 op)" skips the deformable aggregation altogether (each core returns its input):
-the floor for any DCNv3 kernel. InternImage runs its linear layers through oneDNN in float32 CPU inference (bias and
-the MLP's GELU fused); "(CPU kernel, ATen linear)" is InternImage-T without that, and "ConvNeXt-T (oneDNN MLP)"
-gives transformers' ConvNeXt-T the same, for a like-for-like reading. The models take turns, repeat by repeat, each
+the floor for any DCNv3 kernel. The hub kernel's CPU variant also runs InternImage's MLPs (each linear layer one
+oneDNN op with its bias, fc1 fused with its GELU); "(CPU kernel, DCNv3 only)" is InternImage-T without that, and
+"ConvNeXt-T (fused MLP)" gives transformers' ConvNeXt-T the kernel's fused MLP, for a like-for-like reading. The models take turns, repeat by repeat, each
 timed in its steady state.
 
 `--breakdown` then profiles ConvNeXt-T and InternImage-T (CPU kernel) at the largest batch size and prints where
@@ -134,27 +134,36 @@ def without_aggregation(model: torch.nn.Module) -> torch.nn.Module:
     return with_core_forward(model, lambda core, value, offset, mask: value)
 
 
-def with_onednn_mlp(convnext: ConvNextModel) -> ConvNextModel:
-    """ConvNeXt-T's MLPs on the oneDNN linear layers InternImage uses on CPU (pwconv1 fused with its exact GELU)."""
-    gelu = nn.GELU()
+def with_fused_mlp(convnext: ConvNextModel, linear_activation) -> ConvNextModel:
+    """ConvNeXt-T's MLPs on the hub kernel's fused linear op (pwconv1 with its exact GELU, pwconv2 with its bias)."""
     for layer in convnext.modules():
         if isinstance(layer, ConvNextLayer):
-            layer.pwconv1.forward = lambda x, linear=layer.pwconv1: modeling.onednn_linear(x, linear, gelu)
+            layer.pwconv1.forward = lambda x, linear=layer.pwconv1: linear_activation(
+                x, linear.weight, linear.bias, "gelu"
+            )
             layer.act = nn.Identity()
-            layer.pwconv2.forward = lambda x, linear=layer.pwconv2: modeling.onednn_linear(x, linear)
+            layer.pwconv2.forward = lambda x, linear=layer.pwconv2: linear_activation(
+                x, linear.weight, linear.bias, "none"
+            )
     return convnext
 
 
-def check_onednn_mlp() -> None:
-    """ConvNeXt with the oneDNN MLP must compute what transformers' ConvNeXt computes."""
+def check_fused_mlp(linear_activation) -> None:
+    """ConvNeXt with the fused MLP must compute what transformers' ConvNeXt computes."""
     # Layer scale 1 instead of ConvNeXt's 1e-6 start, so that the MLPs' output is not scaled out of the comparison.
     config = ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_scale_init_value=1.0)
     plain = ConvNextModel(config).eval()
-    fused = with_onednn_mlp(ConvNextModel(config).eval())
+    fused = with_fused_mlp(ConvNextModel(config).eval(), linear_activation)
     fused.load_state_dict(plain.state_dict())
     pixel_values = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(fused(pixel_values).last_hidden_state, plain(pixel_values).last_hidden_state)
+
+
+def kernel_mapping(*layers: str) -> dict:
+    from kernels import LocalLayerRepository
+
+    return {layer: {"cpu": LocalLayerRepository(KERNEL_BUILD, layer_name=layer)} for layer in layers}
 
 
 def build_models() -> dict[str, torch.nn.Module]:
@@ -172,21 +181,18 @@ def build_models() -> dict[str, torch.nn.Module]:
         "InternImage-T": internimage,
         "InternImage-T (original op)": original,
     }
-    if modeling.onednn_linear_op() is not None:
-        check_onednn_mlp()
-        models["ConvNeXt-T (oneDNN MLP)"] = with_onednn_mlp(ConvNextModel(convnext_config).eval())
     if KERNEL_BUILD.is_dir():
-        from kernels import LocalLayerRepository
+        from kernels import get_local_kernel
 
-        with_kernel = InternImageModel(InternImageConfig.from_variant("t")).eval()
-        mapping = {"DCNv3": {"cpu": LocalLayerRepository(KERNEL_BUILD, layer_name="DCNv3")}}
-        aten_linear = InternImageModel(InternImageConfig.from_variant("t")).eval()
-        if uses_hub_kernel(use_hub_kernels(with_kernel, mapping=mapping)):
-            models["InternImage-T (CPU kernel)"] = with_kernel
-        if uses_hub_kernel(use_hub_kernels(aten_linear, mapping=mapping)):
-            models["InternImage-T (CPU kernel, ATen linear)"] = with_modeling_overrides(
-                aten_linear, runs_on_onednn=lambda *args: False
-            )
+        linear_activation = get_local_kernel(KERNEL_BUILD).ops.linear_activation
+        check_fused_mlp(linear_activation)
+        models["ConvNeXt-T (fused MLP)"] = with_fused_mlp(ConvNextModel(convnext_config).eval(), linear_activation)
+        with_kernels = InternImageModel(InternImageConfig.from_variant("t")).eval()
+        dcnv3_only = InternImageModel(InternImageConfig.from_variant("t")).eval()
+        if uses_hub_kernel(use_hub_kernels(with_kernels, mapping=kernel_mapping("DCNv3", "InternImageMLP"))):
+            models["InternImage-T (CPU kernel)"] = with_kernels
+        if uses_hub_kernel(use_hub_kernels(dcnv3_only, mapping=kernel_mapping("DCNv3"))):
+            models["InternImage-T (CPU kernel, DCNv3 only)"] = dcnv3_only
     models["InternImage-T (no DCNv3 op)"] = without_aggregation(
         InternImageModel(InternImageConfig.from_variant("t")).eval()
     )
@@ -195,7 +201,7 @@ def build_models() -> dict[str, torch.nn.Module]:
 
 # Top-level ATen ops (totals include their children, e.g. the bias copy inside a linear layer's addmm) per category.
 OP_CATEGORIES = {
-    "linear layers": ("aten::linear", "mkldnn::_linear_pointwise"),  # the latter with fused GELU where it is
+    "linear layers": ("aten::linear", "::linear_activation"),  # the latter with fused GELU where it is
     "GELU": ("aten::gelu",),
     "convolutions": ("aten::conv2d",),
     "LayerNorm": ("aten::layer_norm",),

@@ -30,9 +30,11 @@ from huggingface_hub import HfApi, constants, snapshot_download
 
 # The parser save_pretrained applies to max_shard_size (through split_torch_state_dict_into_shards), so that a size
 # it would refuse is refused before anything is written.
+from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.serialization._base import parse_size_to_int
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from model_card import render_model_card
+from original_state_dict import convert_original_state_dict
 from output_directory import check_output_target, remove_leftovers, write_atomically
 from PIL import Image
 from transformers import AutoModelForImageClassification
@@ -180,8 +182,8 @@ def build_config(
             architecture["num_classes"] = head.shape[0]
     try:
         config = InternImageConfig.from_dict(architecture)
-    except (TypeError, ValueError) as error:
-        raise ConversionError(f"invalid architecture: {error}") from None
+    except (TypeError, ValueError, StrictDataclassError) as error:  # the latter from the config's `@strict` checks
+        raise ConversionError(f"invalid architecture: {' '.join(str(error).split())}") from None
     if not source.is_backbone:
         config.id2label = labels or {idx: str(idx) for idx in range(config.num_labels)}
         if len(config.id2label) != config.num_labels:
@@ -209,7 +211,7 @@ def convert_weights(source: CheckpointSource, config: InternImageConfig, dry_run
     with torch.device("meta"):
         model = model_class(config)
     try:
-        converted = model.convert_original_state_dict(source.state_dict)
+        converted = convert_original_state_dict(model, source.state_dict)
     except ValueError as error:
         raise ConversionError(str(error)) from None
     check_weight_values(converted, model.state_dict())

@@ -5,13 +5,12 @@
 
 import difflib
 import math
-import types
-import typing
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.utils import logging
+from transformers.utils import auto_docstring, logging
 
 
 logger = logging.get_logger(__name__)
@@ -76,43 +75,79 @@ def normalize_variant_name(name: str) -> str:
     return key
 
 
+@auto_docstring(
+    checkpoint="OpenGVLab/internimage_t_1k_224",
+    custom_intro="""
+    Configuration of an InternImage model: the classifier, the base model and the backbone. The defaults give
+    InternImage-T, whose released classifier is [OpenGVLab/internimage_t_1k_224](https://huggingface.co/OpenGVLab/internimage_t_1k_224).
+    Field names follow the original implementation, so the `config.json` files OpenGVLab published on the Hub load as
+    they are (their `num_classes` sets `num_labels`; `with_cp` enables gradient checkpointing).
+    """,
+)
+@strict
 class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
-    Configuration of an InternImage model: the classifier, the base model and the backbone.
+    channels (`int`, *optional*, defaults to 64):
+        Width of the first stage; stage `i` has `channels * 2**i`.
+    depths (`list[int]`, *optional*, defaults to `[4, 4, 18, 4]`):
+        Blocks per stage.
+    groups (`list[int]`, *optional*, defaults to `[4, 8, 16, 32]`):
+        DCNv3 groups per stage.
+    mlp_ratio (`float`, *optional*, defaults to 4.0):
+        MLP hidden width over block width.
+    offset_scale (`float`, *optional*, defaults to 1.0):
+        Scale of the sampling grid and of the offsets.
+    layer_scale (`float`, *optional*):
+        Initial value of the per-channel residual scales; `None` for none.
+    post_norm (`bool`, *optional*, defaults to `False`):
+        Normalise each residual branch output (S/B/L/XL/G).
+    res_post_norm (`bool`, *optional*, defaults to `False`):
+        Normalise branch input and output (H).
+    dw_kernel_size (`int`, *optional*):
+        Depthwise kernel of the offset branch; `None` means 3.
+    level2_post_norm (`bool`, *optional*, defaults to `False`):
+        Extra norms inside the third stage (H/G).
+    level2_post_norm_block_ids (`list[int]`, *optional*):
+        Blocks of the third stage followed by an extra norm.
+    center_feature_scale (`bool`, *optional*, defaults to `False`):
+        Blend the DCNv3 output with its input (H/G).
+    use_clip_projector (`bool`, *optional*, defaults to `False`):
+        Attention-pooling head of H/G.
+    remove_center (`bool`, *optional*, defaults to `False`):
+        Drop the centre sampling point (8 points).
+    cls_scale (`float`, *optional*, defaults to 1.5):
+        Width of the 1x1 conv head over the last stage's width.
+    drop_rate (`float`, *optional*, defaults to 0.0):
+        Dropout in the MLPs.
+    drop_path_rate (`float`, *optional*, defaults to 0.0):
+        Stochastic depth rate of the last block.
+    drop_path_type (`str`, *optional*, defaults to `"linear"`):
+        `"linear"` ramps the stochastic depth rate over the blocks up to `drop_path_rate`, `"uniform"` uses it
+        everywhere.
+    act_layer (`str`, *optional*, defaults to `"GELU"`):
+        `"GELU"`, `"ReLU"` or `"SiLU"` (`hidden_act` gives transformers' name of it).
+    norm_layer (`str`, *optional*, defaults to `"LN"`):
+        Norm of the stem, downsampling and offset branch: `"LN"` or `"BN"`.
+    core_op (`str`, *optional*, defaults to `"DCNv3"`):
+        Kept for OpenGVLab configs; the operator is chosen at run time (PyTorch, or a hub kernel through
+        `kernels.kernelize`).
+    with_cp (`bool`, *optional*, defaults to `False`):
+        Enable gradient checkpointing when the model is built.
 
-    Field names follow the original implementation, so the `config.json` files OpenGVLab published on the Hub load
-    as they are (their `num_classes` sets `num_labels`; `with_cp` enables gradient checkpointing).
+    Example:
+    ```python
+    >>> from modeling_internimage import InternImageConfig, InternImageForImageClassification
 
-    Args:
-        num_channels (`int`, *optional*, defaults to 3): Input image channels.
-        channels (`int`, *optional*, defaults to 64): Width of the first stage; stage `i` has `channels * 2**i`.
-        depths (`list[int]`, *optional*, defaults to `[4, 4, 18, 4]`): Blocks per stage.
-        groups (`list[int]`, *optional*, defaults to `[4, 8, 16, 32]`): DCNv3 groups per stage.
-        mlp_ratio (`float`, *optional*, defaults to 4.0): MLP hidden width over block width.
-        offset_scale (`float`, *optional*, defaults to 1.0): Scale of the sampling grid and of the offsets.
-        layer_scale (`float`, *optional*): Initial value of the per-channel residual scales; `None` for none.
-        post_norm (`bool`, *optional*, defaults to `False`): Normalise each residual branch output (S/B/L/XL/G).
-        res_post_norm (`bool`, *optional*, defaults to `False`): Normalise branch input and output (H).
-        dw_kernel_size (`int`, *optional*): Depthwise kernel of the offset branch; `None` means 3.
-        level2_post_norm (`bool`, *optional*, defaults to `False`): Extra norms inside the third stage (H/G).
-        level2_post_norm_block_ids (`list[int]`, *optional*): Blocks of the third stage followed by an extra norm.
-        center_feature_scale (`bool`, *optional*, defaults to `False`): Blend DCNv3 output with its input (H/G).
-        use_clip_projector (`bool`, *optional*, defaults to `False`): Attention-pooling head of H/G.
-        remove_center (`bool`, *optional*, defaults to `False`): Drop the centre sampling point (8 points).
-        cls_scale (`float`, *optional*, defaults to 1.5): Width of the 1x1 conv head over the last stage's width.
-        drop_rate (`float`, *optional*, defaults to 0.0): Dropout in the MLPs.
-        drop_path_rate (`float`, *optional*, defaults to 0.0): Stochastic depth rate of the last block.
-        drop_path_type (`str`, *optional*, defaults to `"linear"`): `"linear"` ramps the rate over blocks,
-            `"uniform"` uses it everywhere.
-        act_layer (`str`, *optional*, defaults to `"GELU"`): `"GELU"`, `"ReLU"` or `"SiLU"`.
-        norm_layer (`str`, *optional*, defaults to `"LN"`): Norm of the stem, downsampling and offset branch.
-        layer_norm_eps (`float`, *optional*, defaults to 1e-6): Epsilon of every LayerNorm.
-        initializer_range (`float`, *optional*, defaults to 0.02): Std of the truncated normal Linear init.
-        core_op (`str`, *optional*, defaults to `"DCNv3"`): Kept for OpenGVLab configs; the operator is chosen
-            at run time (PyTorch, or a hub kernel through `kernels.kernelize`).
-        with_cp (`bool`, *optional*, defaults to `False`): Enable gradient checkpointing when the model is built.
-        out_features / out_indices: Stages the backbone returns, among `stem`, `stage1` ... `stage4`.
-    """
+    >>> # An InternImage-T configuration (the defaults), and the released S with 10 classes
+    >>> configuration = InternImageConfig()
+    >>> small = InternImageConfig.from_variant("s", num_labels=10)
+
+    >>> # A model with random weights from the configuration
+    >>> model = InternImageForImageClassification(configuration)
+
+    >>> # Accessing the model configuration
+    >>> configuration = model.config
+    ```"""
 
     model_type = "internimage"
 
@@ -120,9 +155,9 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
     channels: int = 64
     depths: list[int] | tuple[int, ...] = (4, 4, 18, 4)
     groups: list[int] | tuple[int, ...] = (4, 8, 16, 32)
-    mlp_ratio: float = 4.0
-    offset_scale: float = 1.0
-    layer_scale: float | None = None
+    mlp_ratio: float | int = 4.0
+    offset_scale: float | int = 1.0
+    layer_scale: float | int | None = None
     post_norm: bool = False
     res_post_norm: bool = False
     dw_kernel_size: int | None = None
@@ -131,14 +166,14 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
     center_feature_scale: bool = False
     use_clip_projector: bool = False
     remove_center: bool = False
-    cls_scale: float = 1.5
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    cls_scale: float | int = 1.5
+    drop_rate: float | int = 0.0
+    drop_path_rate: float | int = 0.0
     drop_path_type: str = "linear"
     act_layer: str = "GELU"
     norm_layer: str = "LN"
-    layer_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
+    layer_norm_eps: float | int = 1e-6
+    initializer_range: float | int = 0.02
     core_op: str = "DCNv3"
     with_cp: bool = False
     _out_features: list[str] | None = None
@@ -157,7 +192,6 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
             # OpenGVLab's auto_map also names a class our files do not define; save_pretrained writes ours.
             known = set(REMOTE_CODE_AUTO_MAP.values())
             kwargs["auto_map"] = {k: v for k, v in kwargs["auto_map"].items() if v in known}
-        self._check_field_types()
         _warn_about_near_misses(kwargs)
         self.depths = list(self.depths)
         self.groups = list(self.groups)
@@ -168,7 +202,6 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
         )
         super().__post_init__(**kwargs)
-        self.validate_architecture()
 
     @classmethod
     def from_variant(cls, name: str, **kwargs) -> "InternImageConfig":
@@ -189,20 +222,19 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
         return 9 - int(self.remove_center)
 
     @property
+    def hidden_act(self) -> str:
+        """`act_layer` as transformers names activations (`ACT2FN`): `"gelu"` (exact), `"relu"` or `"silu"`."""
+        return self.act_layer.lower()
+
+    @property
     def hidden_sizes(self) -> list[int]:
         """Channels of each entry of `hidden_states`: the stem and the stages."""
         return [self.channels, *self.stage_channels]
 
-    def _check_field_types(self) -> None:
-        """Raise a ValueError naming the first architecture field whose value has the wrong type (e.g. `"16"` or
-        `16.0` for `channels`), read from code or from a config.json alike. Integers pass for float fields."""
-        for name, annotation in _architecture_fields().items():
-            value = getattr(self, name)
-            if not _matches(value, annotation):
-                raise ValueError(f"`{name}` must be of type {_describe(annotation)}; got {value!r}.")
-
     def validate_architecture(self) -> None:
-        """Raise a ValueError naming the first field whose value cannot build a model."""
+        """Raise a ValueError naming the first field whose value cannot build a model. `@strict` runs it after
+        `__init__` and before saving (wrapped in a `StrictDataclassClassValidationError`), as it checks each field's
+        type against its annotation when it is set."""
         for name in ("num_channels", "channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer; got {getattr(self, name)}.")
@@ -262,26 +294,6 @@ class InternImageConfig(BackboneConfigMixin, PreTrainedConfig):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    """Whether `value` fits a field annotation of this config (scalars, optionals, lists/tuples of scalars)."""
-    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (types.UnionType, typing.Union):
-        return any(_matches(value, option) for option in arguments)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_matches(item, arguments[0]) for item in value)
-    if annotation is type(None):
-        return value is None
-    if annotation is int:
-        return _is_int(value)
-    if annotation is float:
-        return _is_int(value) or isinstance(value, float)
-    return isinstance(value, annotation)
-
-
-def _describe(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def _architecture_fields() -> dict[str, Any]:

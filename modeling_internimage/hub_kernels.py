@@ -4,9 +4,10 @@
 """The compiled DCNv3 from the Hugging Face kernels hub, swapped into a loaded model with one call.
 
 `use_hub_kernels(model)` replaces the forward of every `DCNv3Core` by the hub kernel's `DCNv3` layer (CUDA on a GPU,
-C++ on a CPU). Where no kernel can be had (offline with an empty cache, a torch version without a build, an
-unsupported device) the model keeps the PyTorch operator and one warning says why; with `HF_HUB_OFFLINE=1` nothing
-is fetched. The swap is per instance and undone by calling again with `enabled=False`.
+C++ on a CPU) and, in CPU inference, the forward of every `InternImageMLP` by the kernel's layer of that name (oneDNN
+linear layers, fc1 fused with its activation). Where no kernel can be had (offline with an empty cache, a torch
+version without a build, an unsupported device) the model keeps the PyTorch operator and one warning says why; with
+`HF_HUB_OFFLINE=1` nothing is fetched. The swap is per instance and undone by calling again with `enabled=False`.
 """
 
 import logging
@@ -38,6 +39,8 @@ DCNV3_KERNEL_REPO_ID = "internimage-hf/dcnv3"
 DCNV3_KERNEL_VERSION = 1
 DCNV3_LAYER_NAME = "DCNv3"
 KERNEL_DEVICES = ("cuda", "cpu")
+# The MLP's layer (fused oneDNN linear layers) is built in the CPU variant only, and runs in inference only.
+MLP_LAYER_NAME = "InternImageMLP"
 MODES_BY_NAME = {"inference": Mode.INFERENCE, "training": Mode.TRAINING, "torch_compile": Mode.TORCH_COMPILE}
 
 
@@ -48,7 +51,7 @@ def dcnv3_kernel_mapping(
     revision: str | None = None,
     trust_remote_code: bool | None = None,
 ) -> dict:
-    """kernels mapping of the `DCNv3` layer to a hub repo, for CUDA and CPU.
+    """kernels mapping of the `DCNv3` layer (CUDA and CPU) and of the `InternImageMLP` layer (CPU) to a hub repo.
 
     Without arguments: the package's own repo at version 1, whose code is trusted. A repo given here or through
     INTERNIMAGE_DCNV3_KERNEL_REPO needs `trust_remote_code=True` (or INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1);
@@ -65,14 +68,20 @@ def dcnv3_kernel_mapping(
             f"the DCNv3 kernel repo {repo_id} is not the package's own ({DCNV3_KERNEL_REPO_ID}); running its code "
             "needs trust_remote_code=True or INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1"
         )
-    repository = LayerRepository(
-        repo_id,
-        layer_name=DCNV3_LAYER_NAME,
-        revision=revision,
-        version=None if revision else (version or DCNV3_KERNEL_VERSION),
-        trust_remote_code=True if trust_remote_code else [DCNV3_KERNEL_REPO_ID],
-    )
-    return {DCNV3_LAYER_NAME: {device: repository for device in KERNEL_DEVICES}}
+
+    def repository(layer_name: str) -> LayerRepository:
+        return LayerRepository(
+            repo_id,
+            layer_name=layer_name,
+            revision=revision,
+            version=None if revision else (version or DCNV3_KERNEL_VERSION),
+            trust_remote_code=True if trust_remote_code else [DCNV3_KERNEL_REPO_ID],
+        )
+
+    return {
+        DCNV3_LAYER_NAME: {device: repository(DCNV3_LAYER_NAME) for device in KERNEL_DEVICES},
+        MLP_LAYER_NAME: {"cpu": repository(MLP_LAYER_NAME)},
+    }
 
 
 def _as_mode(mode: Mode | str) -> Mode:
@@ -98,8 +107,15 @@ def _model_device(model: torch.nn.Module) -> str:
 
 def _restore_pytorch_forward(model: torch.nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, DCNv3Core):
+        if getattr(type(module), "kernel_layer_name", None) in (DCNV3_LAYER_NAME, MLP_LAYER_NAME):
             module.forward = MethodType(type(module).forward, module)
+
+
+def _without_other_layers(model: torch.nn.Module, mapping: dict) -> dict:
+    """`mapping` plus an empty entry for every other hub layer in the model (transformers' activations are some), so
+    that kernelize keeps their forward without a warning per module: this helper is about InternImage's layers."""
+    names = {getattr(type(module), "kernel_layer_name", None) for module in model.modules()}
+    return {**{name: {} for name in names if name is not None}, **mapping}
 
 
 def use_hub_kernels(
@@ -110,7 +126,8 @@ def use_hub_kernels(
     mode: Mode | str | None = None,
     strict: bool = False,
 ) -> torch.nn.Module:
-    """Run the model's DCNv3 with the hub kernel for its device, in place; returns the model.
+    """Run the model's DCNv3 with the hub kernel for its device, in place (and, in CPU inference, its MLPs with the
+    kernel's fused linear layers); returns the model.
 
     Call it again after moving the model to another device, or after `train()` / `eval()` when the kernel should
     follow the mode (training needs the kernel's backward). `mapping` replaces the production mapping (e.g. a
@@ -131,9 +148,10 @@ def use_hub_kernels(
     device = _model_device(model)
     if not any(_covers(key, device) for key in mapping.get(DCNV3_LAYER_NAME, {})):
         return _keep_pytorch_operator(model, f"no DCNv3 hub kernel for device '{device}'", strict)
-    fallback = KernelizeFallback.NONE if strict else KernelizeFallback.ALL
+    # The MLP layer has no backward and no CUDA build: it falls back by design, in strict mode too.
+    fallback = KernelizeFallback.DEFAULT if strict else KernelizeFallback.ALL
     try:
-        with use_kernel_mapping(mapping, inherit_mapping=False):
+        with use_kernel_mapping(_without_other_layers(model, mapping), inherit_mapping=False):
             kernelize(model, mode=mode, device=device, use_fallback=fallback)
     except Exception as error:  # kernels raises several types (offline, trust, version); all mean "no kernel"
         _restore_pytorch_forward(model)
@@ -142,7 +160,10 @@ def use_hub_kernels(
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         logger.warning("DCNv3 hub kernel unavailable (%s); InternImage keeps the PyTorch DCNv3 operator.", reason)
         return model
-    if not uses_hub_kernel(model) and not strict:
+    if not uses_hub_kernel(model):
+        if strict:
+            _restore_pytorch_forward(model)
+            raise RuntimeError(f"no compatible DCNv3 hub kernel build (torch {torch.__version__}, {device}, {mode})")
         logger.warning(
             "No compatible DCNv3 hub kernel build for this system (torch %s, %s, mode %s); InternImage keeps the "
             "PyTorch DCNv3 operator.",

@@ -8,16 +8,16 @@ The trunk runs channels-last (N, H, W, C) as the original does; every tensor han
 maps, stage outputs) is NCHW, a permuted view of the tensor the next layer consumes.
 """
 
-import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.backbone_utils import BackboneMixin
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
@@ -25,17 +25,19 @@ from transformers.modeling_outputs import (
     ImageClassifierOutputWithNoAttention,
 )
 from transformers.modeling_utils import PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, auto_docstring
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_internimage import REMOTE_CODE_AUTO_MAP, InternImageConfig
-from .dcnv3 import DCNv3Core
+from .dcnv3 import DCNv3Core, use_kernel_forward_from_hub
 
 
 # Fixed by the released H/G checkpoints (the original hard-codes them too).
 CLIP_PROJECTOR_DIM = 1024
 CLIP_PROJECTOR_HEADS = 16
 CLIP_EMBED_DIM = 768
-
-ACT_LAYERS = {"GELU": nn.GELU, "ReLU": nn.ReLU, "SiLU": nn.SiLU}
 
 
 class InternImageChannelsLastBatchNorm(nn.BatchNorm2d):
@@ -50,75 +52,6 @@ def build_channels_last_norm(config: InternImageConfig, num_channels: int) -> nn
     if config.norm_layer == "BN":
         return InternImageChannelsLastBatchNorm(num_channels)
     return nn.LayerNorm(num_channels, eps=config.layer_norm_eps)
-
-
-# (post-op, algorithm) of the activations oneDNN fuses; exact (erf) GELU only, as the original uses.
-_ONEDNN_POST_OPS = {nn.ReLU: ("relu", ""), nn.SiLU: ("swish", "")}
-
-
-def _onednn_post_op(activation: nn.Module) -> tuple[str, str] | None:
-    if type(activation) is nn.GELU:
-        return ("gelu", "none") if activation.approximate == "none" else None
-    return _ONEDNN_POST_OPS.get(type(activation))
-
-
-@functools.cache
-def onednn_linear_op() -> Callable[..., torch.Tensor] | None:
-    """oneDNN's linear with bias and activation fused, the op torch.compile uses for CPU inference, or None.
-
-    It skips the bias copy of ATen's addmm and, fused with the MLP's activation, a pass over the widest tensor of
-    every block: float32 InternImage-T inference on CPU 8-9 % faster. The op is private to torch, so it is used only
-    where this torch has it and, checked once on a small input, it computes what F.linear and GELU compute.
-    """
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-    if op is None:
-        return None
-    # Explicit device and dtype: the check must not follow torch.set_default_device / set_default_dtype.
-    probe = {"device": "cpu", "dtype": torch.float32}
-    inputs = torch.linspace(-2, 2, 24, **probe).reshape(3, 8)
-    weight, bias = torch.linspace(-1, 1, 32, **probe).reshape(4, 8), torch.linspace(-0.5, 0.5, 4, **probe)
-    try:
-        with torch.no_grad():
-            fused = op(inputs, weight, bias, "gelu", [], "none")
-            agrees = torch.allclose(fused, F.gelu(F.linear(inputs, weight, bias)), atol=1e-5)
-    except (RuntimeError, TypeError):
-        agrees = False
-    return op if agrees else None
-
-
-def _called_plainly(*modules: nn.Module) -> bool:
-    """No forward hooks and no forward replaced on the instance (accelerate's offload hooks wrap `forward` itself)."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-    return not any(
-        module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module) for module in modules
-    )
-
-
-def runs_on_onednn(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
-    """Whether `linear` may run on `hidden_states` through oneDNN: float32 inference on CPU.
-
-    The oneDNN op has no autograd formula, and compilers, exporters and autocast should see the plain op, so it is
-    not used where gradients are wanted, nor under torch.compile, export, tracing or CPU autocast.
-    """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    if not isinstance(hidden_states, torch.Tensor):
-        return False
-    if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32 or hidden_states.numel() == 0:
-        return False
-    if linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-        return False
-    if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in linear.parameters())):
-        return False
-    return onednn_linear_op() is not None
-
-
-def onednn_linear(hidden_states: torch.Tensor, linear: nn.Linear, activation: nn.Module | None = None) -> torch.Tensor:
-    """`activation(linear(hidden_states))` as one oneDNN op, where `runs_on_onednn` allows it and oneDNN fuses the
-    activation (`_onednn_post_op`)."""
-    post_op, algorithm = ("none", "") if activation is None else _onednn_post_op(activation)
-    return onednn_linear_op()(hidden_states, linear.weight, linear.bias, post_op, [], algorithm)
 
 
 def softmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
@@ -158,7 +91,7 @@ class InternImageEmbeddings(nn.Module):
         self.num_channels = config.num_channels
         self.conv1 = nn.Conv2d(config.num_channels, config.channels // 2, kernel_size=3, stride=2, padding=1)
         self.norm1 = build_channels_last_norm(config, config.channels // 2)
-        self.act = ACT_LAYERS[config.act_layer]()
+        self.act = ACT2FN[config.hidden_act]
         self.conv2 = nn.Conv2d(config.channels // 2, config.channels, kernel_size=3, stride=2, padding=1)
         self.norm2 = build_channels_last_norm(config, config.channels)
 
@@ -167,27 +100,6 @@ class InternImageEmbeddings(nn.Module):
         hidden_states = self.act(self.norm1(hidden_states)).permute(0, 3, 1, 2)
         hidden_states = self.conv2(hidden_states).permute(0, 2, 3, 1)
         return self.norm2(hidden_states).permute(0, 3, 1, 2)
-
-
-class InternImageLinear(nn.Linear):
-    """nn.Linear that runs through oneDNN, its bias fused, in float32 CPU inference (`runs_on_onednn`)."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if runs_on_onednn(hidden_states, self):
-            return onednn_linear(hidden_states, self)
-        return super().forward(hidden_states)
-
-
-# The DCNv3 projections are initialised through their own classes, not keyed on the parent block as Deformable DETR
-# does: transformers skips `_init_weights` for a module without parameters of its own when the model is custom code
-# (`PreTrainedModel._initialize_weights`), which this package is, so a parent-keyed init would never run.
-class InternImageZeroInitLinear(InternImageLinear):
-    """Linear layer initialised to zero: the DCNv3 offset and weight predictors (training starts from the regular
-    grid with uniform weights) and the center-feature-scale projection (blend 0.5)."""
-
-
-class InternImageXavierLinear(InternImageLinear):
-    """Linear layer initialised xavier-uniform with zero bias: the DCNv3 value and output projections."""
 
 
 class InternImageDCNv3(nn.Module):
@@ -203,13 +115,13 @@ class InternImageDCNv3(nn.Module):
             channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2, groups=channels
         )
         self.dw_norm = build_channels_last_norm(config, channels)
-        self.dw_act = ACT_LAYERS[config.act_layer]()
-        self.offset = InternImageZeroInitLinear(channels, groups * self.num_points * 2)
-        self.mask = InternImageZeroInitLinear(channels, groups * self.num_points)
-        self.input_proj = InternImageXavierLinear(channels, channels)
-        self.output_proj = InternImageXavierLinear(channels, channels)
+        self.dw_act = ACT2FN[config.hidden_act]
+        self.offset = nn.Linear(channels, groups * self.num_points * 2)
+        self.mask = nn.Linear(channels, groups * self.num_points)
+        self.input_proj = nn.Linear(channels, channels)
+        self.output_proj = nn.Linear(channels, channels)
         if config.center_feature_scale:
-            self.center_feature_scale_proj = InternImageZeroInitLinear(channels, groups)
+            self.center_feature_scale_proj = nn.Linear(channels, groups)
         else:
             self.center_feature_scale_proj = None
         self.core = DCNv3Core(
@@ -240,31 +152,22 @@ class InternImageDCNv3(nn.Module):
         return self.output_proj(output)
 
 
+@use_kernel_forward_from_hub("InternImageMLP")
 class InternImageMLP(nn.Module):
+    """fc1, activation, fc2. On the CPU the hub kernel's layer of this name (`kernelize` in inference mode) runs each
+    linear layer as one oneDNN op with its bias, fc1 with the activation fused."""
+
     def __init__(self, config: InternImageConfig, channels: int) -> None:
         super().__init__()
         hidden_channels = int(channels * config.mlp_ratio)
-        self.fc1 = InternImageLinear(channels, hidden_channels)
-        self.act = ACT_LAYERS[config.act_layer]()
-        self.fc2 = InternImageLinear(hidden_channels, channels)
+        self.hidden_act = config.hidden_act
+        self.fc1 = nn.Linear(channels, hidden_channels)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden_channels, channels)
         self.dropout = nn.Dropout(config.drop_rate)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self._fuses_fc1_activation(hidden_states):
-            hidden_states = onednn_linear(hidden_states, self.fc1, self.act)
-        else:
-            hidden_states = self.act(self.fc1(hidden_states))
-        return self.dropout(self.fc2(self.dropout(hidden_states)))
-
-    def _fuses_fc1_activation(self, hidden_states: torch.Tensor) -> bool:
-        """fc1 and the activation as one oneDNN op, unless either module was replaced (adapters, quantisation) or
-        carries hooks (accelerate's offloading included), which the fused op would skip."""
-        return (
-            runs_on_onednn(hidden_states, self.fc1)
-            and type(self.fc1) is InternImageLinear
-            and _onednn_post_op(self.act) is not None
-            and _called_plainly(self.fc1, self.act)
-        )
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden_states)))))
 
 
 class InternImageLayer(GradientCheckpointingLayer):
@@ -390,7 +293,7 @@ class InternImageConvPooler(nn.Module):
         self.out_channels = int(in_channels * config.cls_scale)
         self.conv = nn.Conv2d(in_channels, self.out_channels, kernel_size=1, bias=False)
         self.norm = nn.BatchNorm2d(self.out_channels)
-        self.act = ACT_LAYERS[config.act_layer]()
+        self.act = ACT2FN[config.hidden_act]
 
     def forward(self, stage_outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         batch, _, height, width = stage_outputs[-1].shape
@@ -517,12 +420,7 @@ def convert_original_key(key: str) -> str:
     return key
 
 
-def _first(items: list[str], separator: str, limit: int = 20) -> str:
-    """The first `limit` items joined, and how many more there are."""
-    more = f"{separator}... and {len(items) - limit} more" if len(items) > limit else ""
-    return separator.join(items[:limit]) + more
-
-
+@auto_docstring
 class InternImagePreTrainedModel(PreTrainedModel):
     config: InternImageConfig
     base_model_prefix = "internimage"
@@ -530,6 +428,8 @@ class InternImagePreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternImageLayer", "InternImageEmbeddings", "InternImageDownsample"]
+    # `hidden_states`: the input of the first stage (the stem's output), then each stage's output, all NCHW.
+    _can_record_outputs = {"hidden_states": InternImageStage}
 
     def post_init(self):
         super().post_init()
@@ -540,97 +440,80 @@ class InternImagePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """As the original: Linear truncated normal, norms one/zero, convolutions PyTorch's default; DCNv3 offset and
-        weight projections zero (a regular grid with uniform weights at start), its value/output projections
-        xavier-uniform, the center-feature-scale projection zero (blend 0.5), layer scales at `config.layer_scale`."""
-        if isinstance(module, InternImageZeroInitLinear):
-            init.zeros_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, InternImageXavierLinear):
-            init.xavier_uniform_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
+        """transformers' defaults (norms one/zero, BatchNorm statistics reset), then the original's choices: Linear
+        truncated normal, convolutions PyTorch's default, layer scales at `config.layer_scale`; in DCNv3 the offset,
+        weight and center-feature-scale projections zero (a regular grid with uniform weights and a 0.5 blend at
+        start), the value and output projections xavier-uniform."""
+        super()._init_weights(module)
+        if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=self.config.initializer_range)
-            if module.bias is not None:
-                init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 fan_in = module.weight.shape[1] * module.weight[0, 0].numel()
                 init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            if isinstance(module, nn.BatchNorm2d):
-                init.zeros_(module.running_mean)
-                init.ones_(module.running_var)
-                init.zeros_(module.num_batches_tracked)
         elif isinstance(module, InternImageLayer) and module.layer_scale1 is not None:
             init.constant_(module.layer_scale1, self.config.layer_scale)
             init.constant_(module.layer_scale2, self.config.layer_scale)
+        elif isinstance(module, InternImageDCNv3):  # runs after its linear layers: children come first
+            for projection in (module.offset, module.mask, module.center_feature_scale_proj):
+                if projection is not None:
+                    init.zeros_(projection.weight)
+                    init.zeros_(projection.bias)
+            for projection in (module.input_proj, module.output_proj):
+                init.xavier_uniform_(projection.weight)
+                init.zeros_(projection.bias)
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # For custom code transformers skips modules without parameters of their own (InternImageDCNv3), guarding
+        # against `_init_weights` that overwrite loaded weights in place. Every init here goes through
+        # `transformers.initialization`, which leaves loaded weights alone, so nothing needs that guard.
+        super()._initialize_weights(module, is_custom_code=False)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """As `PreTrainedModel.save_pretrained`; when the code files travel along (the package registers them),
-        config.json maps all four Auto classes to them, so any of them loads the directory as remote code."""
+        """As `PreTrainedModel.save_pretrained`, in this package's key layout whatever layout the weights were loaded
+        from (`save_original_format=False`: the OpenGVLab `key_mapping` of `from_pretrained` is not reverted). When the
+        code files travel along (the package registers them), config.json maps all four Auto classes to them, so any
+        of them loads the directory as remote code."""
         if self._auto_class is not None:
             self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
+        kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As `PreTrainedModel.from_pretrained`; checkpoints in OpenGVLab's Hub layout are renamed while loading."""
         kwargs.setdefault("key_mapping", OPENGVLAB_HUB_KEY_MAPPING)
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        # Save in this package's layout, not in the layout the weights came in.
-        model._weight_conversions = None
-        return loaded
+        return super().from_pretrained(*args, **kwargs)
 
-    def convert_original_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rename a state dict of the original implementation (the `'model'` entry of a training checkpoint) or of
-        OpenGVLab's Hub repos (`model.` prefix, `layer_scale1/2`) to this model's names.
-
-        The account is strict: a source key that nothing uses, a weight left unfilled or a shape that differs is a
-        ValueError listing the keys, which is also what a checkpoint of another variant produces. Works on a model
-        built on the meta device, so a conversion can be checked without allocating the weights.
-        """
-        expected = self.state_dict()
-        converted = {}
-        for key, tensor in state_dict.items():
-            name = convert_original_key(key)
-            if not name.startswith("classifier.") and self.base_model_prefix + "." + name in expected:
-                name = self.base_model_prefix + "." + name
-            converted[name] = (key, tensor)
-        unused = sorted(key for name, (key, _) in converted.items() if name not in expected)
-        missing = sorted(name for name in expected if name not in converted)
-        mismatched = sorted(
-            f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}"
-            for name, (key, tensor) in converted.items()
-            if name in expected and tensor.shape != expected[name].shape
-        )
-        problems = []
-        if unused:
-            problems.append(f"{len(unused)} checkpoint keys match no weight of the model: {_first(unused, ', ')}")
-        if missing:
-            problems.append(f"{len(missing)} model weights are not in the checkpoint: {_first(missing, ', ')}")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shapes differ: {_first(mismatched, '; ')}")
-        if problems:
-            raise ValueError(
-                f"The state dict does not fit this {type(self).__name__} (is it of another variant?). "
-                + " | ".join(problems)
-            )
-        return {name: tensor for name, (_, tensor) in converted.items()}
+    def name_of_original_key(self, key: str) -> str:
+        """This model's name for a key of an original state dict (or of OpenGVLab's Hub layout)."""
+        name = convert_original_key(key)
+        prefixed = f"{self.base_model_prefix}.{name}"
+        if not name.startswith("classifier.") and hasattr(self, self.base_model_prefix):
+            return prefixed
+        return name
 
     def load_original_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load a state dict named as the original implementation or OpenGVLab's Hub repos, strictly (see
-        `convert_original_state_dict`)."""
-        self.load_state_dict(self.convert_original_state_dict(state_dict), strict=True)
+        """Load a state dict of the original implementation (the `'model'` entry of a training checkpoint) or of
+        OpenGVLab's Hub repos (`model.` prefix, `layer_scale1/2`), strictly: keys that nothing uses, weights left
+        unfilled and shapes that differ are a ValueError listing them (also what a checkpoint of another variant
+        gives). The converter (`conversion/`) checks a checkpoint in the original's names without loading it."""
+        renamed = {self.name_of_original_key(key): tensor for key, tensor in state_dict.items()}
+        try:
+            self.load_state_dict(renamed, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"The state dict does not fit this {type(self).__name__} (is it of another variant?): {error}"
+            ) from None
 
 
+@auto_docstring(
+    custom_intro="""
+    The bare InternImage trunk with its pooling head; `pooler_output` is what the classifier's linear layer consumes.
+    """
+)
 class InternImageModel(InternImagePreTrainedModel):
-    """InternImage trunk and pooling head. `pooler_output` is what the classifier's linear layer consumes."""
-
     def __init__(self, config: InternImageConfig) -> None:
         super().__init__(config)
         self.embeddings = InternImageEmbeddings(config)
@@ -640,35 +523,23 @@ class InternImageModel(InternImagePreTrainedModel):
         )
         self.post_init()
 
+    @capture_outputs(tie_last_hidden_states=False)
+    @auto_docstring
     def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> tuple | BaseModelOutputWithPoolingAndNoAttention:
-        r"""
-        Returns `last_hidden_state` (the last stage's output, NCHW), `pooler_output` and, if asked, `hidden_states`:
-        the stem output and the four stage outputs, NCHW.
-        """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self, pixel_values: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPoolingAndNoAttention:
         check_pixel_values(pixel_values, self.config, side_multiple=32 if self.config.use_clip_projector else 1)
-
-        embedding_output = self.embeddings(pixel_values)
-        stage_outputs = self.encoder(embedding_output)
-        pooled_output = self.pooler(stage_outputs)
-        hidden_states = (embedding_output, *stage_outputs) if output_hidden_states else None
-
-        if not return_dict:
-            return tuple(v for v in (stage_outputs[-1], pooled_output, hidden_states) if v is not None)
+        stage_outputs = self.encoder(self.embeddings(pixel_values))
         return BaseModelOutputWithPoolingAndNoAttention(
-            last_hidden_state=stage_outputs[-1], pooler_output=pooled_output, hidden_states=hidden_states
+            last_hidden_state=stage_outputs[-1], pooler_output=self.pooler(stage_outputs)
         )
 
 
+@auto_docstring(
+    custom_intro="""
+    InternImage with an image classification head (a linear layer on the pooled features), e.g. for ImageNet.
+    """
+)
 class InternImageForImageClassification(InternImagePreTrainedModel):
     accepts_loss_kwargs = False
 
@@ -680,37 +551,36 @@ class InternImageForImageClassification(InternImagePreTrainedModel):
         self.classifier = nn.Linear(pooled_channels, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> tuple | ImageClassifierOutputWithNoAttention:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutputWithNoAttention:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices for single-label classification, float targets for regression (`num_labels == 1`) or
             multi-hot vectors for multi-label classification (`config.problem_type`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.internimage(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.internimage(pixel_values, return_dict=True, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             if not isinstance(labels, torch.Tensor):
                 labels = torch.as_tensor(labels, device=logits.device)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-
-        if not return_dict:
-            output = (logits, outputs.hidden_states) if outputs.hidden_states is not None else (logits,)
-            return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
+@auto_docstring(
+    custom_intro="""
+    InternImage backbone: feature maps of the stem and stages (NCHW, strides 4 to 32) for detection and segmentation
+    heads such as UperNet, Mask2Former or the DETR family.
+    """
+)
 class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
-    """Feature maps of the stem and stages (NCHW, strides 4 to 32) for detection and segmentation heads."""
-
     has_attentions = False
 
     def __init__(self, config: InternImageConfig) -> None:
@@ -720,30 +590,17 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
         self.num_features = config.hidden_sizes
         self.post_init()
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> tuple | BackboneOutput:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    @can_return_tuple
+    @filter_output_hidden_states
+    @auto_docstring
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
         check_pixel_values(pixel_values, self.config)
-
         embedding_output = self.embeddings(pixel_values)
         hidden_states = (embedding_output, *self.encoder(embedding_output))
         feature_maps = tuple(
             hidden_state for stage, hidden_state in zip(self.stage_names, hidden_states) if stage in self.out_features
         )
-        if not return_dict:
-            return (feature_maps, hidden_states) if output_hidden_states else (feature_maps,)
-        return BackboneOutput(
-            feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None, attentions=None
-        )
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
 
 
 __all__ = [

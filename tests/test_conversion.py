@@ -10,11 +10,12 @@ from conftest import MODEL_FIXTURES, PROJECT_ROOT, VARIANTS, load_fixture_case, 
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
-from modeling_internimage import InternImageBackbone
+from modeling_internimage import InternImageBackbone, InternImageConfig, InternImageForImageClassification
 
 
 sys.path.insert(0, str(PROJECT_ROOT / "conversion"))
 import convert_internimage_to_hf as converter  # noqa: E402
+from original_state_dict import convert_original_state_dict  # noqa: E402
 
 
 SCRIPT = PROJECT_ROOT / "conversion" / "convert_internimage_to_hf.py"
@@ -351,3 +352,30 @@ def test_batch_mode_converts_present_files_and_skips_absent(fixtures_dir, tmp_pa
     assert "skipped internimage_g_22kto1k_512.pth" in capsys.readouterr().out
     config = json.loads((tmp_path / "converted" / "internimage_t_1k_224" / "config.json").read_text())
     assert config["channels"] == 64 and len(config["id2label"]) == 1000
+
+
+def test_state_dict_of_another_variant_is_accounted_in_original_names():
+    _, state_dict, _ = load_fixture_case("tiny_h")
+    model = InternImageForImageClassification(
+        InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=10)
+    )
+    with pytest.raises(ValueError, match="another variant") as error:
+        convert_original_state_dict(model, state_dict)
+    message = str(error.value)
+    assert "checkpoint keys match no weight" in message and "model weights are not in the checkpoint" in message
+    assert "levels.0.downsample.conv.weight: checkpoint (64, 32, 3, 3) vs model (32, 16, 3, 3)" in message
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    _, state_dict, _ = load_fixture_case("tiny_t")
+    with torch.device("meta"):  # as the converter checks a checkpoint: no weight allocated
+        model = InternImageForImageClassification(
+            InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=10)
+        )
+    broken = dict(state_dict)
+    broken.pop("levels.1.blocks.0.dcn.offset.weight")
+    broken["levels.9.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError) as error:
+        convert_original_state_dict(model, broken)
+    assert "levels.9.extra" in str(error.value)
+    assert "internimage.encoder.stages.1.layers.0.dcn.offset.weight" in str(error.value)

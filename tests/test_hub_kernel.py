@@ -15,8 +15,10 @@ from conftest import KERNEL_DIR, PROJECT_ROOT, build_local, load_fixture_case
 from kernels import LocalLayerRepository, Mode, use_kernel_mapping
 from safetensors import safe_open
 from test_reference_fixtures import OP_PARAMS, relative_error
+from transformers.activations import GELUActivation
 from transformers.utils import is_kernels_available
 
+import modeling_internimage.modeling_internimage as modeling
 from modeling_internimage import (
     DCNV3_KERNEL_REPO_ID,
     DCNv3Core,
@@ -29,7 +31,7 @@ from modeling_internimage import (
 
 
 def local_mapping(build: Path) -> dict:
-    return {"DCNv3": {"cpu": LocalLayerRepository(build, layer_name="DCNv3")}}
+    return {layer: {"cpu": LocalLayerRepository(build, layer_name=layer)} for layer in ("DCNv3", "InternImageMLP")}
 
 
 def fixture_model(name: str = "tiny_h") -> tuple[InternImageForImageClassification, dict]:
@@ -72,6 +74,69 @@ def test_kernelize_with_local_repository_matches_pytorch(kernel_build):
     torch.testing.assert_close(actual.logits, io["input0.logits"], atol=1e-4, rtol=0)
     use_hub_kernels(model, enabled=False)
     assert not uses_hub_kernel(model)
+
+
+def _op_calls(run, op_suffix: str) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    return sum(event.count for event in profiler.key_averages() if event.key.endswith(op_suffix))
+
+
+def test_cpu_inference_runs_every_mlp_on_the_fused_layer(kernel_build):
+    model, io = fixture_model("tiny_t")
+    pixel_values = io["input0.pixel_values"]
+    mlps = [module for module in model.modules() if isinstance(module, modeling.InternImageMLP)]
+    gelus = [module for module in model.modules() if isinstance(module, GELUActivation)]
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+        use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
+        assert _op_calls(lambda: model(pixel_values), "::linear_activation") == 2 * len(mlps)
+        assert _op_calls(lambda: model(pixel_values), "aten::gelu") == len(gelus) - len(mlps)
+        torch.testing.assert_close(model(pixel_values).logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected, io["input0.logits"], atol=1e-4, rtol=0)
+
+
+def test_the_mlp_layer_stays_out_of_training_and_gradients(kernel_build):
+    model, io = fixture_model("tiny_t")
+    pixel_values = io["input0.pixel_values"].clone().requires_grad_()
+    use_hub_kernels(model.train(), mapping=local_mapping(kernel_build), strict=True)
+    mlp = model.internimage.encoder.stages[0].layers[0].mlp
+    assert uses_hub_kernel(model) and mlp.forward.__func__ is modeling.InternImageMLP.forward
+    use_hub_kernels(model.eval(), mapping=local_mapping(kernel_build), strict=True)
+    assert mlp.forward.__func__ is not modeling.InternImageMLP.forward
+    # Kernelized for inference, then asked for a saliency map: the MLPs keep autograd.
+    assert _op_calls(lambda: model(pixel_values).logits.sum().backward(), "::linear_activation") == 0
+    assert pixel_values.grad is not None and pixel_values.grad.abs().sum() > 0
+
+
+def test_hooks_and_adapters_on_the_mlp_are_not_skipped(kernel_build):
+    """A forward hook, accelerate's hooks (they wrap `forward`) and peft's LoRA layers all still run."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from peft import LoraConfig, get_peft_model
+
+    class CountingHook(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    model, io = fixture_model("tiny_t")
+    pixel_values = io["input0.pixel_values"]
+    use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
+    stages = model.internimage.encoder.stages
+    captured, hook = [], CountingHook()
+    stages[0].layers[0].mlp.fc1.register_forward_hook(lambda module, args, output: captured.append(output))
+    add_hook_to_module(stages[1].layers[0].mlp.fc2, hook)
+    with torch.no_grad():
+        model(pixel_values)
+    assert len(captured) == 1 and hook.calls == 1
+    lora = get_peft_model(model, LoraConfig(target_modules=["fc1"], init_lora_weights=False))
+    with torch.no_grad():
+        adapted = lora(pixel_values=pixel_values).logits
+        assert _op_calls(lambda: lora(pixel_values=pixel_values), "::linear_activation") == 0
+        with lora.disable_adapter():
+            assert not torch.allclose(lora(pixel_values=pixel_values).logits, adapted)
 
 
 def test_training_mode_kernel_gives_pytorch_gradients(kernel_build):
@@ -252,20 +317,29 @@ def test_mismatching_layer_signature_is_caught(tmp_path, caplog):
     assert not uses_hub_kernel(model) and len(caplog.records) == 1
 
 
-def test_hub_layer_source_matches_the_core_module():
-    """Without importing the compiled kernel: the hub layer keeps kernels' rules and the core's forward arity."""
-    tree = ast.parse((KERNEL_DIR / "torch-ext" / "dcnv3" / "layers.py").read_text())
-    (layer,) = [node for node in tree.body if isinstance(node, ast.ClassDef)]
-    methods = [node.name for node in layer.body if isinstance(node, ast.FunctionDef)]
-    assigned = [target.id for node in layer.body if isinstance(node, ast.Assign) for target in node.targets]
-    assert methods == ["forward"] and set(assigned) <= {"can_torch_compile", "has_backward"}
-    forward = next(node for node in layer.body if isinstance(node, ast.FunctionDef))
+def test_hub_layers_source_matches_their_host_modules():
+    """Without importing the compiled kernel: each hub layer keeps kernels' rules (one method, no state, only the
+    flags kernels knows) and its host's forward arity, and reads only what the host module has."""
     import inspect
 
-    assert len(forward.args.args) == len(inspect.signature(DCNv3Core.forward).parameters)
-    attributes = {node.target.id for node in layer.body if isinstance(node, ast.AnnAssign)}
-    core = DCNv3Core()
-    assert attributes <= set(vars(core)), attributes - set(vars(core))
+    hosts = {
+        "DCNv3": DCNv3Core(),
+        "InternImageMLP": modeling.InternImageMLP(InternImageConfig(channels=16, groups=[1, 2, 4, 8]), 16),
+    }
+    tree = ast.parse((KERNEL_DIR / "torch-ext" / "dcnv3" / "layers.py").read_text())
+    layers = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert set(layers) == set(hosts)
+    for name, layer in layers.items():
+        host = hosts[name]
+        assert type(host).kernel_layer_name == name
+        methods = [node for node in layer.body if isinstance(node, ast.FunctionDef)]
+        assigned = [target.id for node in layer.body if isinstance(node, ast.Assign) for target in node.targets]
+        assert [method.name for method in methods] == ["forward"]
+        assert set(assigned) <= {"can_torch_compile", "has_backward"}
+        assert len(methods[0].args.args) == len(inspect.signature(type(host).forward).parameters)
+        attributes = {node.target.id for node in layer.body if isinstance(node, ast.AnnAssign)}
+        readable = set(vars(host)) | set(host._modules)
+        assert attributes <= readable, (name, attributes - readable)
 
 
 def test_build_toml_and_metadata_parse_with_the_kernels_library(kernel_build):
