@@ -152,6 +152,54 @@ def test_half_precision_accumulates_in_float32(kernel, device, dtype, tolerance)
     assert ((output.double().cpu() - expected.cpu()).abs().max() / expected.abs().max()).item() < tolerance
 
 
+def off_grid_offsets(shape, offset_scale, seed=0):
+    """Offsets that put every sampling point 0.05 to 0.95 pixels past an integer position: at integer positions
+    bilinear sampling has kinks where either one-sided derivative is right, and in half precision offsets land there
+    often enough for implementations to pick different sides. Whole parts up to 4 pixels put points of the border
+    pixels outside the map."""
+    generator = torch.Generator().manual_seed(seed)
+    whole = torch.randint(-4, 5, shape, generator=generator)
+    return (whole + 0.05 + 0.9 * torch.rand(shape, generator=generator)) / offset_scale
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[4]])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_output_and_gradients_match_reference(kernel, device, case, dtype, tolerance):
+    """Output and the three gradients in half precision, relative to their largest float64 reference value."""
+    args = settings(**case)
+    points = args[0] * args[1] - int(args[-1])
+    value, offset, mask = random_inputs(3, 17, 17, case["group"], case["group_channels"], points)
+    offset = off_grid_offsets(offset.shape, args[10])
+    inputs = [tensor.to(dtype) for tensor in (value, offset, mask)]
+    leaves = [tensor.to(device).requires_grad_() for tensor in inputs]
+    reference_leaves = [tensor.detach().double().requires_grad_() for tensor in inputs]
+    output = kernel.dcnv3(*leaves, *args)
+    reference = reference_dcnv3(*reference_leaves, args)
+    upstream = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    output.backward(upstream.to(device))
+    reference.backward(upstream.double())
+    pairs = [(output, reference)] + [(leaf.grad, ref.grad) for leaf, ref in zip(leaves, reference_leaves)]
+    for name, (got, expected) in zip(["output", "value", "offset", "mask"], pairs):
+        assert got.dtype == dtype, name
+        error = (got.double().cpu() - expected).abs().max() / expected.abs().max()
+        assert error.item() <= tolerance, (name, error.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CPU backward is deterministic (test below)")
+def test_cuda_backward_refuses_deterministic_mode(kernel):
+    """The CUDA backward accumulates with atomics: under `torch.use_deterministic_algorithms` it must say so."""
+    args = settings(2, 4)
+    leaves = [tensor.requires_grad_() for tensor in random_inputs(2, 5, 5, 2, 4, 9, "cuda", torch.float64)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deterministic"):
+            kernel.dcnv3(*leaves, *args).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES[:3])
@@ -289,7 +337,12 @@ def test_kernels_benchmark_runs_and_verifies_every_workload(tmp_path):
 
 
 # The MLP layer's fused linear (CPU variant only): exactly what nn.Linear and the activation compute.
-ACTIVATIONS = {"none": lambda x: x, "gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu}
+ACTIVATIONS = {
+    "none": lambda x: x,
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+}
 
 
 def mlp_weights(in_features=24, out_features=40, seed=0):
