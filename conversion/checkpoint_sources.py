@@ -48,6 +48,8 @@ class CheckpointSource:
     dropped_keys: list[str] = field(default_factory=list)
     architecture: dict[str, Any] | None = None  # original constructor kwargs, where the source carries them
     image_size: int | None = None
+    is_segmentor: bool = False  # an mmseg UperNet: backbone and heads, all kept
+    meta: Any = None  # what an mmseg checkpoint carries beside its weights (config text, class names)
 
 
 def load_source(path: str | Path) -> CheckpointSource:
@@ -110,6 +112,9 @@ def _from_training_checkpoint(checkpoint: Any, path: Path) -> CheckpointSource:
     if not isinstance(checkpoint, dict):
         raise ConversionError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
     if "state_dict" in checkpoint:  # mmdet / mmseg: backbone weights beside neck and head weights
+        if isinstance(checkpoint["state_dict"], dict) and is_upernet_segmentor(checkpoint["state_dict"]):
+            state_dict = _tensors_only(checkpoint["state_dict"], path)
+            return CheckpointSource(state_dict=state_dict, is_segmentor=True, meta=checkpoint.get("meta"))
         return _downstream_backbone(checkpoint["state_dict"], path)
     for entry in ("model", "module"):
         if entry in checkpoint:
@@ -120,6 +125,11 @@ def _from_training_checkpoint(checkpoint: Any, path: Path) -> CheckpointSource:
     state_dict = _tensors_only(state_dict, path)
     architecture, image_size = _architecture_from_training_config(checkpoint.get("config"), f"{path} config")
     return CheckpointSource(state_dict=state_dict, architecture=architecture, image_size=image_size)
+
+
+def is_upernet_segmentor(state_dict: dict) -> bool:
+    """An mmseg `EncoderDecoder` with a `UPerHead` decode head (the paper's ADE20K and Cityscapes models)."""
+    return any(str(key).startswith("decode_head.psp_modules.") for key in state_dict)
 
 
 def _tensors_only(state_dict: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -27,17 +27,22 @@ from checkpoint_sources import (
     load_source,
 )
 from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import StrictDataclassError
 
 # The parser save_pretrained applies to max_shard_size (through split_torch_state_dict_into_shards), so that a size
 # it would refuse is refused before anything is written.
-from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.serialization._base import parse_size_to_int
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from model_card import render_model_card
 from original_state_dict import convert_original_state_dict
 from output_directory import check_output_target, remove_leftovers, write_atomically
 from PIL import Image
-from transformers import AutoModelForImageClassification
+from segmentation import PAPER_TEST_SCALE, segmentor_architecture, segmentor_key_name, upernet_config
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    UperNetForSemanticSegmentation,
+)
 from transformers.utils import logging
 
 from modeling_internimage import (
@@ -46,6 +51,7 @@ from modeling_internimage import (
     InternImageBackbone,
     InternImageConfig,
     InternImageForImageClassification,
+    InternImageSegmentationImageProcessor,
     build_image_processor,
 )
 from modeling_internimage.configuration_internimage import normalize_variant_name
@@ -64,6 +70,13 @@ RELEASED_CHECKPOINTS = {
     "internimage_xl_22k_192to384.pth": ("xl", 384),
     "internimage_h_jointto22k_384.pth": ("h", 384),
     "internimage_g_pretrainto22k_384.pth": ("g", 384),
+    # ADE20K UperNet segmentors -> (variant, short side of the test resize)
+    "upernet_internimage_t_512_160k_ade20k.pth": ("t", 512),
+    "upernet_internimage_s_512_160k_ade20k.pth": ("s", 512),
+    "upernet_internimage_b_512_160k_ade20k.pth": ("b", 512),
+    "upernet_internimage_l_640_160k_ade20k.pth": ("l", 640),
+    "upernet_internimage_xl_640_160k_ade20k.pth": ("xl", 640),
+    "upernet_internimage_h_896_160k_ade20k.pth": ("h", 896),
 }
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BACKBONE_STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -221,6 +234,50 @@ def convert_weights(source: CheckpointSource, config: InternImageConfig, dry_run
     return model.eval()
 
 
+def build_segmentor(
+    source: CheckpointSource, args: argparse.Namespace, labels: dict[int, str] | None
+) -> tuple[UperNetForSemanticSegmentation, str | None, InternImageSegmentationImageProcessor]:
+    """An mmseg UperNet checkpoint as `UperNetForSemanticSegmentation`: the backbone from the flags, else from the
+    checkpoint's own config; the heads and the test transform from that config, else the paper's settings."""
+    where = str(args.checkpoint)
+    backbone_arch, heads, test_scale, classes = segmentor_architecture(source.meta, where)
+    if args.variant:
+        # The released segmentation configs give their backbones layer scales (T included, whose classifier has
+        # none), except H, whose res-post-norm excludes them.
+        backbone_arch = dict(INTERNIMAGE_VARIANTS[_variant_key(args.variant)])
+        if not backbone_arch.get("res_post_norm"):
+            backbone_arch["layer_scale"] = 1.0
+    elif args.original_config:
+        backbone_arch, _ = load_architecture_file(args.original_config)
+    elif not backbone_arch:
+        raise ConversionError("the checkpoint does not carry its config; give --variant or --original-config")
+    try:
+        backbone = InternImageConfig(**backbone_arch, out_features=BACKBONE_STAGES, num_classes=0)
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        raise ConversionError(f"invalid backbone architecture: {' '.join(str(error).split())}") from None
+    num_classes = source.state_dict["decode_head.conv_seg.weight"].shape[0]
+    labels = labels or (dict(enumerate(classes)) if classes else {idx: str(idx) for idx in range(num_classes)})
+    if len(labels) != num_classes:
+        raise ConversionError(f"{len(labels)} class names for a decode head of {num_classes} classes")
+    config = upernet_config(backbone, heads, source.state_dict, num_classes)
+    config.id2label, config.label2id = labels, {name: idx for idx, name in labels.items()}
+    with torch.device("meta"):
+        model = UperNetForSemanticSegmentation(config)
+    try:
+        converted = convert_original_state_dict(model, source.state_dict, segmentor_key_name(model))
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    check_weight_values(converted, model.state_dict())
+    if not args.dry_run:
+        model.load_state_dict({k: v.contiguous() for k, v in converted.items()}, strict=True, assign=True)
+    variant = _variant_key(args.variant) if args.variant else detect_variant(backbone)
+    short, long = test_scale or PAPER_TEST_SCALE.get(variant, (512, 2048))
+    if args.image_size:
+        short, long = args.image_size, 4 * args.image_size
+    processor = InternImageSegmentationImageProcessor(size={"shortest_edge": short, "longest_edge": long})
+    return model.eval(), variant, processor
+
+
 def check_weight_values(converted: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     """Floating-point weights must arrive as finite floating-point tensors."""
     for name, tensor in converted.items():
@@ -248,12 +305,18 @@ def model_outputs(model: torch.nn.Module, pixel_values: torch.Tensor) -> list[to
     return list(outputs.feature_maps) if isinstance(model, InternImageBackbone) else [outputs.logits]
 
 
+def reload(model: torch.nn.Module, directory: Path):
+    """The written directory loaded back the way users load it."""
+    if isinstance(model, InternImageBackbone):
+        return InternImageBackbone.from_pretrained(directory, output_loading_info=True)
+    if isinstance(model, UperNetForSemanticSegmentation):
+        return AutoModelForSemanticSegmentation.from_pretrained(directory, output_loading_info=True)
+    return AutoModelForImageClassification.from_pretrained(directory, output_loading_info=True)
+
+
 def verify_reload(model: torch.nn.Module, directory: Path) -> float:
     """Reload the written directory and return the largest output difference on a fixed input."""
-    if isinstance(model, InternImageBackbone):
-        reloaded, info = InternImageBackbone.from_pretrained(directory, output_loading_info=True)
-    else:
-        reloaded, info = AutoModelForImageClassification.from_pretrained(directory, output_loading_info=True)
+    reloaded, info = reload(model, directory)
     left_over = {kind: keys for kind, keys in info.items() if keys and kind != "error_msgs"}
     if left_over:
         raise ConversionError(f"the written directory does not reload cleanly: {left_over}")
@@ -281,9 +344,15 @@ def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: C
         check_output_target(output_dir, inputs)
     labels = read_labels(args.label_file) if args.label_file else None
     source = load_source(resolve_checkpoint(str(checkpoint)))
-    config, variant, image_size = build_config(source, args, labels)
-    model = convert_weights(source, config, args.dry_run)
-    kind = "backbone" if source.is_backbone else f"classifier with {config.num_labels} classes"
+    if source.is_segmentor:
+        model, variant, processor = build_segmentor(source, args, labels)
+        config, image_size = model.config.backbone_config, processor.size["shortest_edge"]
+        kind = f"UperNet segmentor with {model.config.num_labels} classes"
+    else:
+        config, variant, image_size = build_config(source, args, labels)
+        model = convert_weights(source, config, args.dry_run)
+        processor = build_image_processor(size=image_size)
+        kind = "backbone" if source.is_backbone else f"classifier with {config.num_labels} classes"
     log(f"{checkpoint}: InternImage-{(variant or 'custom').upper()} {kind}, all {len(source.state_dict)} keys mapped")
     if source.dropped_keys:
         log(f"left out {len(source.dropped_keys)} neck/head keys: {', '.join(source.dropped_keys)}")
@@ -291,11 +360,11 @@ def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: C
         log("dry run: nothing written")
         return
     model.to(STORAGE_DTYPES[args.dtype])
-    predictions = None if source.is_backbone else top5(model, image_size)
+    predictions = None if source.is_backbone or source.is_segmentor else top5(model, image_size)
 
     def write(directory: Path) -> None:
         model.save_pretrained(directory, max_shard_size=args.max_shard_size)
-        build_image_processor(size=image_size).save_pretrained(directory)
+        processor.save_pretrained(directory)
         card = render_model_card(
             config,
             variant=variant,
@@ -304,6 +373,7 @@ def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: C
             source_name=Path(checkpoint).name,
             is_backbone=source.is_backbone,
             repo_id=args.push_to_hub,
+            segmentor_labels=model.config.num_labels if source.is_segmentor else None,
         )
         (directory / "README.md").write_text(card)
         log(f"reloaded the written directory: outputs agree (max difference {verify_reload(model, directory):.1e})")

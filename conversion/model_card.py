@@ -33,17 +33,26 @@ def render_model_card(
     source_name: str,
     is_backbone: bool,
     repo_id: str | None,
+    segmentor_labels: int | None = None,
 ) -> str:
     """Markdown with Hub metadata: what the checkpoint is, its figures, and how to load it with and without the
     package."""
     reference = repo_id or "path/to/this/directory"
     title = f"InternImage-{variant.upper()}" if variant else "InternImage"
-    task = "feature extraction backbone" if is_backbone else f"image classifier ({config.num_labels} classes)"
+    if segmentor_labels:
+        task, pipeline_tag = f"UperNet semantic segmentor ({segmentor_labels} classes)", "image-segmentation"
+        resolution = f"keep-ratio resize of the short side to {image_size}, sides rounded up to multiples of 32"
+    elif is_backbone:
+        task, pipeline_tag = "feature extraction backbone", "image-feature-extraction"
+        resolution = f"{image_size} x {image_size} (bicubic shortest-edge resize, centre crop)"
+    else:
+        task, pipeline_tag = f"image classifier ({config.num_labels} classes)", "image-classification"
+        resolution = f"{image_size} x {image_size} (bicubic shortest-edge resize, centre crop)"
     lines = [
         "---",
         "license: mit",
         "library_name: transformers",
-        f"pipeline_tag: {'image-feature-extraction' if is_backbone else 'image-classification'}",
+        f"pipeline_tag: {pipeline_tag}",
         "tags: [internimage, dcnv3, vision]",
         "---",
         "",
@@ -56,10 +65,10 @@ def render_model_card(
         "| | |",
         "|---|---|",
         f"| architecture | {title}: channels {config.channels}, depths {config.depths}, groups {config.groups} |",
-        f"| evaluation resolution | {image_size} x {image_size} (bicubic shortest-edge resize, centre crop) |",
+        f"| evaluation transform | {resolution} |",
         f"| parameters (this checkpoint) | {num_parameters / 1e6:.1f} M |",
     ]
-    if variant in RELEASED_RESULTS:
+    if variant in RELEASED_RESULTS and not segmentor_labels:
         top1, params, flops = RELEASED_RESULTS[variant]
         lines.append(f"| paper: ImageNet-1k top-1 / params / FLOPs | {top1} % / {params} / {flops} |")
     lines += [
@@ -72,7 +81,13 @@ def render_model_card(
         "```python",
         "import modeling_internimage  # registers InternImage with the Auto classes",
     ]
-    if is_backbone:
+    if segmentor_labels:
+        lines += [
+            "from transformers import AutoModelForSemanticSegmentation, pipeline",
+            f'model = AutoModelForSemanticSegmentation.from_pretrained("{reference}")',
+            f'segmenter = pipeline("image-segmentation", model="{reference}")  # one mask per class present',
+        ]
+    elif is_backbone:
         lines += [
             "from modeling_internimage import InternImageBackbone",
             f'backbone = InternImageBackbone.from_pretrained("{reference}")',

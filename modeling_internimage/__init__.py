@@ -11,6 +11,7 @@ from kernels import register_kernel_mapping
 from transformers import (
     AutoBackbone,
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
 )
@@ -18,6 +19,7 @@ from transformers import (
 from .configuration_internimage import INTERNIMAGE_EVAL_RESOLUTION, INTERNIMAGE_VARIANTS, InternImageConfig
 from .dcnv3 import DCNv3Core, dcnv3_core_pytorch
 from .hub_kernels import DCNV3_KERNEL_REPO_ID, dcnv3_kernel_mapping, use_hub_kernels, uses_hub_kernel
+from .image_processing_internimage import InternImageSegmentationImageProcessor
 from .image_processor_factory import build_image_processor
 from .modeling_internimage import (
     OPENGVLAB_HUB_KEY_MAPPING,
@@ -33,6 +35,8 @@ AutoConfig.register(InternImageConfig.model_type, InternImageConfig)
 AutoModel.register(InternImageConfig, InternImageModel)
 AutoModelForImageClassification.register(InternImageConfig, InternImageForImageClassification)
 AutoBackbone.register(InternImageConfig, InternImageBackbone)
+# The segmentors' processor is found by its class name in preprocessor_config.json (UperNet directories).
+AutoImageProcessor.register(InternImageConfig, slow_image_processor_class=InternImageSegmentationImageProcessor)
 
 # Saving writes the code files and an auto_map naming these classes (remote code for `trust_remote_code=True`).
 InternImageConfig.register_for_auto_class("AutoConfig")
@@ -58,6 +62,7 @@ __all__ = [
     "InternImageForImageClassification",
     "InternImageModel",
     "InternImagePreTrainedModel",
+    "InternImageSegmentationImageProcessor",
     "build_image_processor",
     "convert_original_key",
     "dcnv3_core_pytorch",
