@@ -44,7 +44,7 @@ class InternImageChannelsLastBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d applied to a channels-last (N, H, W, C) tensor."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return super().forward(channels_first(hidden_states)).permute(0, 2, 3, 1)
 
 
 def build_channels_last_norm(config: InternImageConfig, num_channels: int) -> nn.Module:
@@ -52,6 +52,15 @@ def build_channels_last_norm(config: InternImageConfig, num_channels: int) -> nn
     if config.norm_layer == "BN":
         return InternImageChannelsLastBatchNorm(num_channels)
     return nn.LayerNorm(num_channels, eps=config.layer_norm_eps)
+
+
+def channels_first(hidden_states: torch.Tensor) -> torch.Tensor:
+    """The NCHW view (N, C, H, W) of a channels-last tensor (N, H, W, C), for convolutions and for the feature maps
+    handed out. Eager code takes the view as it is (channels-last memory, no copy). Under torch.compile with dynamic
+    shapes, inductor (torch 2.13) fails on such views as convolution inputs and graph outputs
+    (`tests/test_compile.py` keeps the reproduction), so there the view is made contiguous."""
+    hidden_states = hidden_states.permute(0, 3, 1, 2)
+    return hidden_states.contiguous() if torch.compiler.is_compiling() else hidden_states
 
 
 def softmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
@@ -97,9 +106,8 @@ class InternImageEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden_states = self.conv1(pixel_values).permute(0, 2, 3, 1)
-        hidden_states = self.act(self.norm1(hidden_states)).permute(0, 3, 1, 2)
-        hidden_states = self.conv2(hidden_states).permute(0, 2, 3, 1)
-        return self.norm2(hidden_states).permute(0, 3, 1, 2)
+        hidden_states = self.conv2(channels_first(self.act(self.norm1(hidden_states)))).permute(0, 2, 3, 1)
+        return channels_first(self.norm2(hidden_states))
 
 
 class InternImageDCNv3(nn.Module):
@@ -139,7 +147,7 @@ class InternImageDCNv3(nn.Module):
         batch, height, width, channels = hidden_states.shape
         value = self.input_proj(hidden_states)
         # Offsets and weights come from the block input, not from the projected value.
-        offset_features = self.dw_conv(hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        offset_features = self.dw_conv(channels_first(hidden_states)).permute(0, 2, 3, 1)
         offset_features = self.dw_act(self.dw_norm(offset_features))
         offset = self.offset(offset_features)
         mask = self.mask(offset_features).view(batch, height, width, self.groups, self.num_points)
@@ -225,7 +233,7 @@ class InternImageDownsample(nn.Module):
         self.norm = build_channels_last_norm(config, 2 * channels)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(hidden_states).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return channels_first(self.norm(self.conv(hidden_states).permute(0, 2, 3, 1)))
 
 
 class InternImageStage(nn.Module):
@@ -256,7 +264,7 @@ class InternImageStage(nn.Module):
                 hidden_states = self.post_norms[self.post_norm_positions[block_id]](hidden_states)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        stage_output = hidden_states.permute(0, 3, 1, 2)
+        stage_output = channels_first(hidden_states)
         next_input = self.downsample(stage_output) if self.downsample is not None else None
         return stage_output, next_input
 
