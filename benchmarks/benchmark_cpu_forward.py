@@ -248,7 +248,10 @@ def main() -> None:
     torch.manual_seed(0)
     check_original_style_op()
     models = build_models()
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, {capability}"
+    )
     print(f"{'model':<40}{'batch':>6}{'ms':>10}{'x ConvNeXt-T':>15}")
     for batch_size in args.batch_sizes:
         latencies = median_latencies_ms(models, batch_size, args.repeats)

@@ -82,7 +82,14 @@ def _op_calls(run, op_suffix: str) -> int:
     return sum(event.count for event in profiler.key_averages() if event.key.endswith(op_suffix))
 
 
-def test_cpu_inference_runs_every_mlp_on_the_fused_layer(kernel_build):
+def fused_everywhere(model, monkeypatch) -> None:
+    """The MLP layer fuses only where the CPU has AVX-512 (a speed choice, `FUSED_LINEAR_PAYS`); its logic is tested
+    on any CPU by setting the flag in the loaded kernel's layers module."""
+    mlp = next(module for module in model.modules() if isinstance(module, modeling.InternImageMLP))
+    monkeypatch.setattr(sys.modules[mlp.forward.__func__.__module__], "FUSED_LINEAR_PAYS", True)
+
+
+def test_cpu_inference_runs_every_mlp_on_the_fused_layer(kernel_build, monkeypatch):
     model, io = fixture_model("tiny_t")
     pixel_values = io["input0.pixel_values"]
     mlps = [module for module in model.modules() if isinstance(module, modeling.InternImageMLP)]
@@ -90,13 +97,14 @@ def test_cpu_inference_runs_every_mlp_on_the_fused_layer(kernel_build):
     with torch.no_grad():
         expected = model(pixel_values).logits
         use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
+        fused_everywhere(model, monkeypatch)
         assert _op_calls(lambda: model(pixel_values), "::linear_activation") == 2 * len(mlps)
         assert _op_calls(lambda: model(pixel_values), "aten::gelu") == len(gelus) - len(mlps)
         torch.testing.assert_close(model(pixel_values).logits, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(expected, io["input0.logits"], atol=1e-4, rtol=0)
 
 
-def test_the_mlp_layer_stays_out_of_training_and_gradients(kernel_build):
+def test_the_mlp_layer_stays_out_of_training_and_gradients(kernel_build, monkeypatch):
     model, io = fixture_model("tiny_t")
     pixel_values = io["input0.pixel_values"].clone().requires_grad_()
     use_hub_kernels(model.train(), mapping=local_mapping(kernel_build), strict=True)
@@ -104,12 +112,13 @@ def test_the_mlp_layer_stays_out_of_training_and_gradients(kernel_build):
     assert uses_hub_kernel(model) and mlp.forward.__func__ is modeling.InternImageMLP.forward
     use_hub_kernels(model.eval(), mapping=local_mapping(kernel_build), strict=True)
     assert mlp.forward.__func__ is not modeling.InternImageMLP.forward
+    fused_everywhere(model, monkeypatch)
     # Kernelized for inference, then asked for a saliency map: the MLPs keep autograd.
     assert _op_calls(lambda: model(pixel_values).logits.sum().backward(), "::linear_activation") == 0
     assert pixel_values.grad is not None and pixel_values.grad.abs().sum() > 0
 
 
-def test_hooks_and_adapters_on_the_mlp_are_not_skipped(kernel_build):
+def test_hooks_and_adapters_on_the_mlp_are_not_skipped(kernel_build, monkeypatch):
     """A forward hook, accelerate's hooks (they wrap `forward`) and peft's LoRA layers all still run."""
     from accelerate.hooks import ModelHook, add_hook_to_module
     from peft import LoraConfig, get_peft_model
@@ -124,6 +133,7 @@ def test_hooks_and_adapters_on_the_mlp_are_not_skipped(kernel_build):
     model, io = fixture_model("tiny_t")
     pixel_values = io["input0.pixel_values"]
     use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
+    fused_everywhere(model, monkeypatch)
     stages = model.internimage.encoder.stages
     captured, hook = [], CountingHook()
     stages[0].layers[0].mlp.fc1.register_forward_hook(lambda module, args, output: captured.append(output))

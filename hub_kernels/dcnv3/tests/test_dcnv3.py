@@ -413,7 +413,11 @@ def _op_calls(run, op_suffix):
 
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("hidden_act", ["gelu", "relu", "silu"])
-def test_mlp_layer_fuses_in_inference_and_steps_aside_otherwise(kernel, hidden_act):
+def test_mlp_layer_fuses_in_inference_and_steps_aside_otherwise(kernel, hidden_act, monkeypatch):
+    """Fused in float32 inference; the host's own layers for gradients and autocast. (Where it fuses at all is a
+    speed choice, `FUSED_LINEAR_PAYS`: CPUs with AVX-512; it is set here so the logic is tested on any CPU.)"""
+    assert kernel.layers.FUSED_LINEAR_PAYS == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    monkeypatch.setattr(kernel.layers, "FUSED_LINEAR_PAYS", True)
     host = HostMLP(hidden_act).eval()
     layer_forward = kernel.layers.InternImageMLP.forward.__get__(host)
     inputs = torch.randn(2, 6, 6, 24, generator=torch.Generator().manual_seed(3))

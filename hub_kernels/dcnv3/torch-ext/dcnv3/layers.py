@@ -43,6 +43,10 @@ class DCNv3(nn.Module):
 
 # Activations the fused linear applies, by the host MLP's `hidden_act` (transformers' ACT2FN names).
 FUSED_ACTIVATIONS = ("gelu", "relu", "silu")
+# oneDNN's fused linear took 8-9 % off InternImage-T's CPU forward on one machine and added 5-8 % on another whose
+# CPU has AVX2 but not AVX-512 (ATen's GEMM and a separate GELU were faster there); the layer fuses only where torch
+# reports AVX-512, the likely difference (the first machine's capability was not recorded).
+FUSED_LINEAR_PAYS = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -52,7 +56,9 @@ def _has_hooks(module: nn.Module) -> bool:
 def _fusable(mlp: nn.Module, hidden_states: torch.Tensor) -> bool:
     """float32 CPU inference through plain nn.Linear layers: the fused op has no autograd formula and knows nothing of
     adapters or quantised layers that replace fc1/fc2 (e.g. peft's LoRA), which must run as they are."""
-    if mlp.training or mlp.hidden_act not in FUSED_ACTIVATIONS or not hasattr(ops, "linear_activation"):
+    if not FUSED_LINEAR_PAYS or mlp.training or mlp.hidden_act not in FUSED_ACTIVATIONS:
+        return False
+    if not hasattr(ops, "linear_activation"):
         return False
     if type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear:
         return False
