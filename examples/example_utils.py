@@ -15,6 +15,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 from modeling_internimage import InternImageBackbone, InternImageConfig
@@ -183,6 +184,22 @@ def train_and_evaluate(trainer, training_args: TrainingArguments) -> dict:
         trainer.log_metrics("eval", results)
         trainer.save_metrics("eval", results)
     return results
+
+
+def image_processor(class_name: str, size: int, **settings):
+    """transformers' image processor `class_name` resizing to `size` x `size` with ImageNet mean and std, as the
+    examples' evaluation transform does, so that pipelines preprocess a saved model's inputs alike (the torchvision
+    backend where torchvision is installed, the PIL one otherwise)."""
+    import transformers
+
+    name = class_name if is_torchvision_available() else f"{class_name}Pil"
+    return getattr(transformers, name)(
+        size={"height": size, "width": size},
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+        do_normalize=True,
+        **settings,
+    )
 
 
 def publish(trainer, training_args: TrainingArguments, **card) -> None:

@@ -38,6 +38,7 @@ from example_utils import (
     enable_hub_kernels,
     finish_run,
     finish_splits,
+    image_processor,
     is_preset,
     load_image_folders,
     load_pretrained_backbone,
@@ -409,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collate,
         compute_metrics=map_function(data_args.image_size, len(labels)),
         preprocess_logits_for_metrics=logits_and_boxes,
+        # Saved with the model: what pipeline("object-detection") preprocesses and post-processes with.
+        processing_class=image_processor("RTDetrImageProcessor", data_args.image_size, do_pad=False),
     )
     results = train_and_evaluate(trainer, training_args)
     if training_args.do_eval and trainer.is_world_process_zero():

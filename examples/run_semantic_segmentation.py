@@ -36,6 +36,7 @@ from example_utils import (
     enable_hub_kernels,
     finish_run,
     finish_splits,
+    image_processor,
     is_preset,
     load_metric,
     load_pretrained_backbone,
@@ -170,14 +171,7 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, id
             revision=model_args.model_revision,
         )
         if source_config.model_type == "upernet":
-            return AutoModelForSemanticSegmentation.from_pretrained(
-                name,
-                num_labels=len(id2label),
-                id2label=id2label,
-                label2id=label2id,
-                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-                token=model_args.token,
-            )
+            return pretrained_segmentor(name, source_config, model_args, id2label)
     config = UperNetConfig(
         backbone_config=backbone_config(model_args, BACKBONE_STAGES),
         num_labels=len(id2label),
@@ -190,6 +184,36 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, id
     )
     model = UperNetForSemanticSegmentation(config)
     load_pretrained_backbone(model.backbone, model_args, BACKBONE_STAGES)
+    return model
+
+
+def pretrained_segmentor(name: str, source_config, model_args: ModelArguments, id2label: dict[int, str]):
+    """A whole UperNet to fine-tune (a converted checkpoint or an earlier run): with the dataset's classes it keeps
+    its heads; with other classes only the two classifier layers start anew, the rest is kept."""
+    same_classes = source_config.id2label == id2label
+    if not same_classes:
+        logger.info(
+            "%s has %d classes, the dataset %d: decode_head.classifier and auxiliary_head.classifier start anew, "
+            "the backbone and the rest of both heads are kept",
+            name,
+            source_config.num_labels,
+            len(id2label),
+        )
+    else:
+        logger.info("%s has the dataset's classes: the whole segmentor is kept, heads included", name)
+    model = AutoModelForSemanticSegmentation.from_pretrained(
+        name,
+        id2label=id2label,
+        label2id={label: idx for idx, label in id2label.items()},
+        ignore_mismatched_sizes=not same_classes or model_args.ignore_mismatched_sizes,
+        trust_remote_code=model_args.trust_remote_code,
+        token=model_args.token,
+        revision=model_args.model_revision,
+    )
+    if not same_classes:  # also when the class count happens to match: other names are other classes
+        for head in (model.decode_head, model.auxiliary_head):
+            if head is not None:
+                head.classifier.reset_parameters()
     return model
 
 
@@ -295,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collate,
         compute_metrics=mean_iou_function(len(id2label)),
         preprocess_logits_for_metrics=predicted_classes,
+        # Saved with the model: what pipeline("image-segmentation") preprocesses with (the evaluation transform).
+        processing_class=image_processor("SegformerImageProcessor", data_args.image_size, do_reduce_labels=False),
     )
     results = train_and_evaluate(trainer, training_args)
     if training_args.do_eval and trainer.is_world_process_zero():

@@ -10,7 +10,12 @@ import pytest
 import torch
 from conftest import PROJECT_ROOT
 from PIL import Image
-from transformers import AutoModelForImageClassification
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    pipeline,
+)
 
 
 sys.path.insert(0, str(PROJECT_ROOT / "examples"))
@@ -32,18 +37,74 @@ def test_classification_trains_saves_and_reloads(tmp_path):
     assert model.config.id2label[7] == "7"
 
 
-def test_segmentation_trains_saves_and_reloads(tmp_path):
+def demo_image(height: int = 70, width: int = 90) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(0).rand(height, width, 3) * 255).astype(np.uint8))
+
+
+def test_segmentation_trains_saves_and_reloads_into_a_pipeline(tmp_path):
     results = run_semantic_segmentation.main(QUICK + ["--output_dir", str(tmp_path)])
     saved = json.loads((tmp_path / "eval_results.json").read_text())
     assert "eval_mean_iou" in saved and results["reload_max_difference"] <= 1e-5
     assert (tmp_path / "predictions.png").exists()
+    # The saved processor is the evaluation transform: the pipeline's class map is the model's on that input.
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    masks = segmenter(demo_image())
+    assert masks and all(mask["mask"].size == (90, 70) for mask in masks)
+    assert {mask["label"] for mask in masks} <= set(segmenter.model.config.id2label.values())
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert (
+        processor.size["height"]
+        == processor.size["width"]
+        == run_semantic_segmentation.parse_arguments([])[1].image_size
+    )
 
 
-def test_detection_trains_saves_and_reloads(tmp_path):
+def test_detection_trains_saves_and_reloads_into_a_pipeline(tmp_path):
     results = run_object_detection.main(QUICK + ["--output_dir", str(tmp_path)])
     saved = json.loads((tmp_path / "eval_results.json").read_text())
     assert {"eval_map", "eval_map_50"} <= set(saved) and results["reload_max_difference"] <= 1e-5
     assert (tmp_path / "predictions.png").exists()
+    detector = pipeline("object-detection", model=str(tmp_path), threshold=0.0)
+    detections = detector(demo_image())
+    assert detections, "at threshold 0 every query is a detection"
+    labels = set(detector.model.config.id2label.values())
+    for detection in detections:
+        box = detection["box"]
+        assert detection["label"] in labels and 0 <= detection["score"] <= 1
+        assert 0 <= box["xmin"] <= box["xmax"] <= 90 and 0 <= box["ymin"] <= box["ymax"] <= 70
+
+
+@pytest.mark.parametrize("classes", ["same", "other"])
+def test_segmentation_fine_tunes_a_converted_upernet(classes, fixtures_dir, tmp_path, caplog):
+    """From a converted paper checkpoint: the whole segmentor is kept; with other classes only the classifiers
+    start anew, and the log says which."""
+    sys.path.insert(0, str(PROJECT_ROOT / "conversion"))
+    import convert_internimage_to_hf as converter
+
+    converted = tmp_path / "converted"
+    checkpoint = fixtures_dir / "segmentation" / "seg_tiny_t.pth"
+    assert converter.main(["--checkpoint", str(checkpoint), "--output-dir", str(converted)]) == 0
+    original = AutoModelForSemanticSegmentation.from_pretrained(converted)
+    _, data_args, _, _ = run_semantic_segmentation.parse_arguments([])
+    from example_utils import ModelArguments
+
+    id2label = dict(original.config.id2label) if classes == "same" else {0: "sky", 1: "road", 2: "tree"}
+    with caplog.at_level("INFO"):
+        model = run_semantic_segmentation.build_model(
+            ModelArguments(model_name_or_path=str(converted)), data_args, id2label
+        )
+    assert model.config.id2label == id2label
+    expected, loaded = original.state_dict(), model.state_dict()
+    new = {key for key in loaded if "classifier" in key and not torch.equal(loaded[key], expected[key])}
+    kept = [key for key in loaded if key not in new]
+    assert all(torch.equal(loaded[key], expected[key]) for key in kept)
+    if classes == "same":
+        assert not new and "the whole segmentor is kept" in caplog.text
+    else:
+        assert new == {
+            f"{head}.classifier.{p}" for head in ("decode_head", "auxiliary_head") for p in ("weight", "bias")
+        }
+        assert "decode_head.classifier and auxiliary_head.classifier start anew" in caplog.text
 
 
 @pytest.mark.parametrize(
