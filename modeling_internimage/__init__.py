@@ -16,6 +16,7 @@ from transformers import (
     AutoModelForImageClassification,
 )
 
+from .composite_internimage import share_as_remote_code
 from .configuration_internimage import INTERNIMAGE_EVAL_RESOLUTION, INTERNIMAGE_VARIANTS, InternImageConfig
 from .dcnv3 import DCNv3Core, dcnv3_core_pytorch
 from .hub_kernels import DCNV3_KERNEL_REPO_ID, dcnv3_kernel_mapping, use_hub_kernels, uses_hub_kernel
@@ -68,5 +69,6 @@ __all__ = [
     "dcnv3_core_pytorch",
     "dcnv3_kernel_mapping",
     "use_hub_kernels",
+    "share_as_remote_code",
     "uses_hub_kernel",
 ]
