@@ -53,6 +53,7 @@ from modeling_internimage import (
     InternImageForImageClassification,
     InternImageSegmentationImageProcessor,
     build_image_processor,
+    share_as_remote_code,
 )
 from modeling_internimage.configuration_internimage import normalize_variant_name
 
@@ -270,6 +271,7 @@ def build_segmentor(
     check_weight_values(converted, model.state_dict())
     if not args.dry_run:
         model.load_state_dict({k: v.contiguous() for k, v in converted.items()}, strict=True, assign=True)
+    share_as_remote_code(model)  # the directory then loads with trust_remote_code=True without the package
     variant = _variant_key(args.variant) if args.variant else detect_variant(backbone)
     short, long = test_scale or PAPER_TEST_SCALE.get(variant, (512, 2048))
     if args.image_size:

@@ -61,7 +61,7 @@ from transformers import (
 from transformers.image_transforms import center_to_corners_format
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
+from modeling_internimage import share_as_remote_code  # (the import registers InternImage with the Auto classes)
 
 
 logger = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset, labels = load_data(data_args, training_args.seed)
     check_boxes(dataset, data_args, len(labels))
-    model = build_model(model_args, data_args, labels)
+    model = share_as_remote_code(build_model(model_args, data_args, labels))  # saves load without the package
     enable_hub_kernels(model, model_args)
     trainer = make_trainer(
         model,

@@ -58,7 +58,7 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
+from modeling_internimage import share_as_remote_code  # (the import registers InternImage with the Auto classes)
 
 
 logger = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
 
     dataset, id2label = load_data(data_args, training_args.seed)
-    model = build_model(model_args, data_args, id2label)
+    model = share_as_remote_code(build_model(model_args, data_args, id2label))  # saves load without the package
     enable_hub_kernels(model, model_args)
     trainer = make_trainer(
         model,

@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
+    AutoModelForObjectDetection,
     AutoModelForSemanticSegmentation,
     pipeline,
 )
@@ -457,3 +458,15 @@ def test_classification_with_named_labels_and_trainer_defaults(tmp_path):
         rows.append({"file_name": f"{idx}.png", "label": "cat" if idx % 2 else "dog"})
     (train / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     assert_trains_cat_and_dog(tmp_path, "--train_dir", train, "--train_val_split", "0.25")
+
+
+def test_detection_output_loads_as_remote_code_without_the_package(tmp_path):
+    from test_composite_remote_code import load_without_the_package
+
+    run_object_detection.main(QUICK + ["--output_dir", str(tmp_path / "out"), "--max_train_samples", "8"])
+    model = AutoModelForObjectDetection.from_pretrained(tmp_path / "out").eval()
+    pixel_values = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    actual = load_without_the_package("AutoModelForObjectDetection", tmp_path / "out", pixel_values, tmp_path)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

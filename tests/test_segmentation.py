@@ -186,3 +186,12 @@ def test_batch_mode_converts_segmentors_beside_classifiers(fixtures_dir, tmp_pat
     out = capsys.readouterr().out
     assert "classifier with 1000 classes" in out and "UperNet segmentor with 150 classes" in out
     assert "batch: 2 converted, 0 failed" in out
+
+
+def test_converted_upernet_loads_as_remote_code_without_the_package(converted, fixtures_dir, tmp_path):
+    from test_composite_remote_code import load_without_the_package
+
+    io = load_file(fixtures_dir / "segmentation" / "seg_tiny_t.io.safetensors")
+    logits = load_without_the_package("AutoModelForSemanticSegmentation", converted["seg_tiny_t"], io["pixel_values"],
+                                      tmp_path)  # fmt: skip
+    torch.testing.assert_close(logits, io["logits"], atol=1e-4, rtol=0)
