@@ -186,6 +186,12 @@ def train_and_evaluate(trainer, training_args: TrainingArguments) -> dict:
     return results
 
 
+def augmentation_seed(training_args: TrainingArguments) -> int:
+    """The seed of this process's albumentations pipeline: --seed, offset by the process index so that the ranks of
+    a distributed run do not augment their different samples with one sequence of draws."""
+    return training_args.seed + training_args.process_index
+
+
 def image_processor(class_name: str, size: int, **settings):
     """transformers' image processor `class_name` resizing to `size` x `size` with ImageNet mean and std, as the
     examples' evaluation transform does, so that pipelines preprocess a saved model's inputs alike (the torchvision

@@ -24,6 +24,7 @@ from example_utils import (
     DataArguments,
     ExampleError,
     ModelArguments,
+    augmentation_seed,
     check_image_files,
     enable_hub_kernels,
     finish_run,
@@ -44,6 +45,7 @@ from PIL import Image, ImageDraw
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
+    set_seed,
 )
 
 import modeling_internimage  # noqa: F401  (registers InternImage with the Auto classes)
@@ -161,14 +163,15 @@ def processor_size(processor) -> int:
     return crop.get("height") or processor.size.get("shortest_edge") or processor.size["height"]
 
 
-def make_transforms(data_args: DataTrainingArguments, processor):
+def make_transforms(data_args: DataTrainingArguments, processor, seed: int):
     size = processor_size(processor)
     augment = A.Compose(
         [
             A.SmallestMaxSize(max_size=size),
             A.RandomResizedCrop(size=(size, size), scale=(data_args.random_crop_scale, 1.0)),
             A.HorizontalFlip(p=data_args.horizontal_flip_probability),
-        ]
+        ],
+        seed=seed,  # albumentations 2 draws from its own generator, which --seed does not reach otherwise
     )
 
     def train_transform(batch):
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.image_size is not None and data_args.image_size < 32:
         raise ExampleError(f"--image_size {data_args.image_size} must be at least 32 pixels")
     prepare_output_dir(training_args, output_args)
+    set_seed(training_args.seed)  # the model's random initialisation follows --seed too
     log_run_setup(training_args)
     started = time.time()
 
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         model,
         training_args,
         dataset,
-        make_transforms(data_args, processor),
+        make_transforms(data_args, processor, augmentation_seed(training_args)),
         processing_class=processor,
         data_collator=lambda examples: collate(examples, data_args.label_column_name),
         compute_metrics=accuracy_function(len(labels)),

@@ -31,6 +31,7 @@ from example_utils import (
     DataArguments,
     ExampleError,
     ModelArguments,
+    augmentation_seed,
     backbone_config,
     check_image_files,
     check_image_size,
@@ -57,6 +58,7 @@ from transformers import (
     AutoModelForObjectDetection,
     RTDetrConfig,
     RTDetrForObjectDetection,
+    set_seed,
 )
 from transformers.image_transforms import center_to_corners_format
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -242,7 +244,7 @@ def check_query_count(num_queries: int, image_size: int, what: str) -> None:
         )
 
 
-def make_transforms(data_args: DataTrainingArguments):
+def make_transforms(data_args: DataTrainingArguments, seed: int):
     size = data_args.image_size
     boxes = A.BboxParams(format="coco", label_fields=["category"], clip=True, min_area=4, min_visibility=0.3)
     normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
@@ -254,6 +256,7 @@ def make_transforms(data_args: DataTrainingArguments):
             normalize,
         ],
         bbox_params=boxes,
+        seed=seed,
     )
     evaluate = A.Compose([A.Resize(size, size), normalize], bbox_params=boxes)
 
@@ -394,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, output_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_image_size(data_args.image_size)
     prepare_output_dir(training_args, output_args)
+    set_seed(training_args.seed)  # the model's random initialisation follows --seed too
     log_run_setup(training_args)
     training_args.eval_do_concat_batches = False  # targets differ in length between images
     started = time.time()
@@ -406,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
         model,
         training_args,
         dataset,
-        make_transforms(data_args),
+        make_transforms(data_args, augmentation_seed(training_args)),
         data_collator=collate,
         compute_metrics=map_function(data_args.image_size, len(labels)),
         preprocess_logits_for_metrics=logits_and_boxes,

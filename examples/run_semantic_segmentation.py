@@ -29,6 +29,7 @@ from example_utils import (
     DataArguments,
     ExampleError,
     ModelArguments,
+    augmentation_seed,
     backbone_config,
     check_image_files,
     check_image_size,
@@ -55,6 +56,7 @@ from transformers import (
     AutoModelForSemanticSegmentation,
     UperNetConfig,
     UperNetForSemanticSegmentation,
+    set_seed,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -217,10 +219,11 @@ def pretrained_segmentor(name: str, source_config, model_args: ModelArguments, i
     return model
 
 
-def make_transforms(data_args: DataTrainingArguments):
+def make_transforms(data_args: DataTrainingArguments, seed: int):
     size = data_args.image_size
     normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    train = A.Compose([A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0)), A.HorizontalFlip(p=0.5), normalize])
+    crop_and_flip = [A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0)), A.HorizontalFlip(p=0.5)]
+    train = A.Compose([*crop_and_flip, normalize], seed=seed)
     evaluate = A.Compose([A.Resize(size, size), normalize])
 
     def apply(batch, augment):
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
             "BatchNorm over 1x1 maps, which cannot train on a single image"
         )
     prepare_output_dir(training_args, output_args)
+    set_seed(training_args.seed)  # the model's random initialisation follows --seed too
     log_run_setup(training_args)
     started = time.time()
 
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         model,
         training_args,
         dataset,
-        make_transforms(data_args),
+        make_transforms(data_args, augmentation_seed(training_args)),
         data_collator=collate,
         compute_metrics=mean_iou_function(len(id2label)),
         preprocess_logits_for_metrics=predicted_classes,

@@ -470,3 +470,22 @@ def test_detection_output_loads_as_remote_code_without_the_package(tmp_path):
         expected = model(pixel_values).logits
     actual = load_without_the_package("AutoModelForObjectDetection", tmp_path / "out", pixel_values, tmp_path)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("script", [run_semantic_segmentation, run_object_detection])
+def test_dense_runs_are_deterministic_for_a_seed(script, tmp_path):
+    """Same --seed, same metrics and weights (model init, albumentations' own generator, Trainer's shuffling);
+    another seed, other weights."""
+    from safetensors.torch import load_file
+
+    def run(name: str, seed: int) -> tuple[dict, dict]:
+        results = script.main(QUICK + ["--output_dir", str(tmp_path / name), "--seed", str(seed)])
+        return results, load_file(tmp_path / name / "model.safetensors")
+
+    (first, first_weights), (second, second_weights) = run("a", 3), run("b", 3)
+    timings = ("runtime", "per_second", "time")
+    metrics = [key for key in first if key.startswith("eval_") and not any(word in key for word in timings)]
+    assert metrics and all(first[key] == second[key] for key in metrics), {k: (first[k], second[k]) for k in metrics}
+    assert all(torch.equal(first_weights[key], second_weights[key]) for key in first_weights)
+    _, other_weights = run("c", 4)
+    assert not all(torch.equal(first_weights[key], other_weights[key]) for key in first_weights)
