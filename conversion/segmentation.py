@@ -20,8 +20,9 @@ from modeling_internimage import InternImageConfig
 HEAD_KEY_PATTERNS = {r"\.conv_seg\.": ".classifier.", r"\.bn\.": ".batch_norm."}
 BACKBONE_PREFIX = "backbone."
 HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
-# The paper's UperNet (configs/ade20k/upernet_internimage_*.py), for checkpoints that do not carry their config.
-PAPER_UPERNET = {"hidden_size": 512, "pool_scales": [1, 2, 3, 6], "auxiliary_channels": 256}
+# The paper's UperNet pooling (configs/ade20k/upernet_internimage_*.py), for checkpoints without their config; the
+# head widths are read from the weights.
+PAPER_POOL_SCALES = [1, 2, 3, 6]
 # Test scale of the released configs, (short side, long side cap): ADE20K per backbone size; Cityscapes 1024/2048.
 PAPER_TEST_SCALE = {"t": (512, 2048), "s": (512, 2048), "b": (512, 2048), "l": (640, 2560), "xl": (640, 2560),
                     "h": (896, 3584), "g": (896, 3584)}  # fmt: skip
@@ -91,9 +92,8 @@ def segmentor_architecture(meta: Any, where: str) -> tuple[dict, dict, tuple[int
 
 
 def upernet_config(backbone: InternImageConfig, heads: dict, state_dict: dict, num_classes: int) -> UperNetConfig:
-    """transformers' UperNet settings from the mmseg heads (else the paper's), checked against the weights."""
+    """transformers' UperNet settings: the widths from the weights, the rest from the mmseg heads (else the paper's)."""
     decode, auxiliary = heads.get("decode_head") or {}, heads.get("auxiliary_head") or {}
-    hidden_size = state_dict["decode_head.bottleneck.conv.weight"].shape[0]
     has_auxiliary = any(key.startswith("auxiliary_head.") for key in state_dict)
     if auxiliary.get("in_index", 2) != 2 or auxiliary.get("kernel_size", 3) != 3:
         raise ConversionError(
@@ -103,8 +103,8 @@ def upernet_config(backbone: InternImageConfig, heads: dict, state_dict: dict, n
     num_convs = len({key.split(".")[2] for key in state_dict if key.startswith("auxiliary_head.convs.")})
     return UperNetConfig(
         backbone_config=backbone,
-        hidden_size=int(decode.get("channels", hidden_size)),
-        pool_scales=list(decode.get("pool_scales", PAPER_UPERNET["pool_scales"])),
+        hidden_size=int(state_dict["decode_head.bottleneck.conv.weight"].shape[0]),
+        pool_scales=list(decode.get("pool_scales", PAPER_POOL_SCALES)),
         use_auxiliary_head=has_auxiliary,
         auxiliary_in_channels=backbone.stage_channels[2],
         auxiliary_channels=int(state_dict["auxiliary_head.conv_seg.weight"].shape[1]) if has_auxiliary else 256,
