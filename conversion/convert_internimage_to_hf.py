@@ -194,10 +194,7 @@ def build_config(
         head = source.state_dict.get("head.weight", source.state_dict.get("model.head.weight"))
         if head is not None and "num_classes" not in architecture and "num_labels" not in architecture:
             architecture["num_classes"] = head.shape[0]
-    try:
-        config = InternImageConfig.from_dict(architecture)
-    except (TypeError, ValueError, StrictDataclassError) as error:  # the latter from the config's `@strict` checks
-        raise ConversionError(f"invalid architecture: {' '.join(str(error).split())}") from None
+    config = checked_config(architecture, "architecture")
     if not source.is_backbone:
         config.id2label = labels or {idx: str(idx) for idx in range(config.num_labels)}
         if len(config.id2label) != config.num_labels:
@@ -218,14 +215,21 @@ def _variant_key(name: str) -> str:
         raise ConversionError(str(error)) from None
 
 
-def convert_weights(source: CheckpointSource, config: InternImageConfig, dry_run: bool) -> torch.nn.Module:
-    """The model with the checkpoint's weights, after a strict check of every key and shape (on the meta device
-    first, so a mismatch is found before any weight is allocated)."""
-    model_class = InternImageBackbone if source.is_backbone else InternImageForImageClassification
-    with torch.device("meta"):
-        model = model_class(config)
+def checked_config(architecture: dict, what: str) -> InternImageConfig:
+    """The InternImageConfig of `architecture`; its type and value checks (`@strict`) end as one ConversionError."""
     try:
-        converted = convert_original_state_dict(model, source.state_dict)
+        return InternImageConfig.from_dict(architecture)
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        raise ConversionError(f"invalid {what}: {' '.join(str(error).split())}") from None
+
+
+def fill_weights(
+    model: torch.nn.Module, state_dict: dict, dry_run: bool, name_of: Callable[[str], str] | None = None
+) -> torch.nn.Module:
+    """`model`, built on the meta device, with the checkpoint's weights after a strict check of every key and shape
+    (so a mismatch is found before any weight is allocated); in a dry run the weights stay unallocated."""
+    try:
+        converted = convert_original_state_dict(model, state_dict, name_of)
     except ValueError as error:
         raise ConversionError(str(error)) from None
     check_weight_values(converted, model.state_dict())
@@ -252,10 +256,9 @@ def build_segmentor(
         backbone_arch, _ = load_architecture_file(args.original_config)
     elif not backbone_arch:
         raise ConversionError("the checkpoint does not carry its config; give --variant or --original-config")
-    try:
-        backbone = InternImageConfig(**backbone_arch, out_features=BACKBONE_STAGES, num_classes=0)
-    except (TypeError, ValueError, StrictDataclassError) as error:
-        raise ConversionError(f"invalid backbone architecture: {' '.join(str(error).split())}") from None
+    backbone = checked_config(
+        {**backbone_arch, "out_features": BACKBONE_STAGES, "num_classes": 0}, "backbone architecture"
+    )
     num_classes = source.state_dict["decode_head.conv_seg.weight"].shape[0]
     labels = labels or (dict(enumerate(classes)) if classes else {idx: str(idx) for idx in range(num_classes)})
     if len(labels) != num_classes:
@@ -264,20 +267,14 @@ def build_segmentor(
     config.id2label, config.label2id = labels, {name: idx for idx, name in labels.items()}
     with torch.device("meta"):
         model = UperNetForSemanticSegmentation(config)
-    try:
-        converted = convert_original_state_dict(model, source.state_dict, segmentor_key_name(model))
-    except ValueError as error:
-        raise ConversionError(str(error)) from None
-    check_weight_values(converted, model.state_dict())
-    if not args.dry_run:
-        model.load_state_dict({k: v.contiguous() for k, v in converted.items()}, strict=True, assign=True)
+    fill_weights(model, source.state_dict, args.dry_run, segmentor_key_name(model))
     share_as_remote_code(model)  # the directory then loads with trust_remote_code=True without the package
     variant = _variant_key(args.variant) if args.variant else detect_variant(backbone)
     short, long = test_scale or PAPER_TEST_SCALE.get(variant, (512, 2048))
     if args.image_size:
         short, long = args.image_size, 4 * args.image_size
     processor = InternImageSegmentationImageProcessor(size={"shortest_edge": short, "longest_edge": long})
-    return model.eval(), variant, processor
+    return model, variant, processor
 
 
 def check_weight_values(converted: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -352,7 +349,9 @@ def convert(args: argparse.Namespace, checkpoint: Path, output_dir: Path, log: C
         kind = f"UperNet segmentor with {model.config.num_labels} classes"
     else:
         config, variant, image_size = build_config(source, args, labels)
-        model = convert_weights(source, config, args.dry_run)
+        with torch.device("meta"):
+            model = (InternImageBackbone if source.is_backbone else InternImageForImageClassification)(config)
+        fill_weights(model, source.state_dict, args.dry_run)
         processor = build_image_processor(size=image_size)
         kind = "backbone" if source.is_backbone else f"classifier with {config.num_labels} classes"
     log(f"{checkpoint}: InternImage-{(variant or 'custom').upper()} {kind}, all {len(source.state_dict)} keys mapped")
