@@ -121,30 +121,25 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
-def run_as_remote_code(model_dir: Path, pixel_values, work_dir: Path) -> dict:
-    """Load `model_dir` through the Auto classes with trust_remote_code in a Python process where this package
-    cannot be imported; return its outputs on `pixel_values` (`logits`, `pooled`, last `features`)."""
+def run_without_the_package(script: str, arguments: list, pixel_values, work_dir: Path):
+    """Run `script` (which blocks `import modeling_internimage`) in a fresh Python process with `arguments`, then the
+    path of `pixel_values` saved and the path its outputs are to be saved to; return those outputs."""
     import torch
 
     torch.save(pixel_values, work_dir / "inputs.pt")
-    (work_dir / "load_remote.py").write_text(REMOTE_CODE_SCRIPT)
+    (work_dir / "without_the_package.py").write_text(script)
     env = {**os.environ, "HF_MODULES_CACHE": str(work_dir / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(work_dir / "load_remote.py"),
-            str(model_dir),
-            str(work_dir / "inputs.pt"),
-            str(work_dir / "outputs.pt"),
-        ],
-        cwd=work_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [sys.executable, str(work_dir / "without_the_package.py"), *map(str, arguments),
+               str(work_dir / "inputs.pt"), str(work_dir / "outputs.pt")]  # fmt: skip
+    result = subprocess.run(command, cwd=work_dir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(work_dir / "outputs.pt")
+
+
+def run_as_remote_code(model_dir: Path, pixel_values, work_dir: Path) -> dict:
+    """Load `model_dir` through the Auto classes with trust_remote_code in a Python process where this package
+    cannot be imported; return its outputs on `pixel_values` (`logits`, `pooled`, last `features`)."""
+    return run_without_the_package(REMOTE_CODE_SCRIPT, [model_dir], pixel_values, work_dir)
 
 
 MODEL_FIXTURES = ["tiny_t", "tiny_t_remove_center", "tiny_s", "tiny_l", "tiny_h", "tiny_g"]

@@ -1,13 +1,11 @@
 """Composite models with an InternImage backbone (UperNet, RT-DETR), shared as remote code: they load with
 `trust_remote_code=True` in a process where this package cannot be imported."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_without_the_package
 from transformers import (
     AutoModelForObjectDetection,
     AutoModelForSemanticSegmentation,
@@ -73,14 +71,7 @@ def rt_detr() -> RTDetrForObjectDetection:
 
 
 def load_without_the_package(auto_class: str, directory, pixel_values, work_dir) -> torch.Tensor:
-    torch.save(pixel_values, work_dir / "inputs.pt")
-    (work_dir / "load.py").write_text(LOAD_WITHOUT_THE_PACKAGE)
-    env = {**os.environ, "HF_MODULES_CACHE": str(work_dir / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    command = [sys.executable, str(work_dir / "load.py"), auto_class, str(directory), str(work_dir / "inputs.pt"),
-               str(work_dir / "outputs.pt")]  # fmt: skip
-    result = subprocess.run(command, cwd=work_dir, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(work_dir / "outputs.pt")
+    return run_without_the_package(LOAD_WITHOUT_THE_PACKAGE, [auto_class, directory], pixel_values, work_dir)
 
 
 @pytest.mark.parametrize(
