@@ -195,3 +195,20 @@ def test_converted_upernet_loads_as_remote_code_without_the_package(converted, f
     logits = load_without_the_package("AutoModelForSemanticSegmentation", converted["seg_tiny_t"], io["pixel_values"],
                                       tmp_path)  # fmt: skip
     torch.testing.assert_close(logits, io["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "meta, extra, message",
+    [
+        ({"config": "model = dict(backbone=dict(channels=16,)\n"}, [], "the config does not parse as Python"),
+        ({"config": "model = dict(backbone=dict(channels=16, offset_scal=2.0))\n"}, [], "offset_scal (did you mean"),
+        ({"CLASSES": ["only", "two"]}, ["--variant", "t"], "2 class names for a decode head of 150 classes"),
+    ],
+)
+def test_bad_segmentor_metadata_is_one_line(meta, extra, message, fixtures_dir, tmp_path, capsys):
+    manifest = json.loads((fixtures_dir / "manifests" / "internimage_t.json").read_text())
+    checkpoint = tmp_path / "upernet.pth"
+    torch.save({"meta": meta, "state_dict": released_segmentor_state_dict(manifest)}, checkpoint)
+    assert convert("--checkpoint", checkpoint, "--output-dir", tmp_path / "out", "--dry-run", *extra) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and message in error, error
