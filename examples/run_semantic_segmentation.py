@@ -172,7 +172,7 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, id
             token=model_args.token,
             revision=model_args.model_revision,
         )
-        if source_config.model_type == "upernet":
+        if isinstance(source_config, UperNetConfig):
             return pretrained_segmentor(name, source_config, model_args, id2label)
     config = UperNetConfig(
         backbone_config=backbone_config(model_args, BACKBONE_STAGES),

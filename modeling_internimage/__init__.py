@@ -14,9 +14,15 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    DeformableDetrConfig,
+    DFineConfig,
+    Mask2FormerConfig,
+    RTDetrConfig,
+    RTDetrV2Config,
+    UperNetConfig,
 )
 
-from .composite_internimage import share_as_remote_code
+from .composite_internimage import share_as_remote_code, shareable_config_class
 from .configuration_internimage import INTERNIMAGE_EVAL_RESOLUTION, INTERNIMAGE_VARIANTS, InternImageConfig
 from .dcnv3 import DCNv3Core, dcnv3_core_pytorch
 from .hub_kernels import DCNV3_KERNEL_REPO_ID, dcnv3_kernel_mapping, use_hub_kernels, uses_hub_kernel
@@ -44,6 +50,12 @@ InternImageConfig.register_for_auto_class("AutoConfig")
 InternImageModel.register_for_auto_class("AutoModel")
 InternImageForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 InternImageBackbone.register_for_auto_class("AutoBackbone")
+
+# Composite models shared as remote code save their own model type (`upernet_internimage`, ...): registering the
+# usual ones lets such directories load here without trust_remote_code (share_as_remote_code registers any other).
+for composite_config_class in (UperNetConfig, Mask2FormerConfig, RTDetrConfig, RTDetrV2Config, DFineConfig,
+                               DeformableDetrConfig):  # fmt: skip
+    shareable_config_class(composite_config_class)
 
 # So that `kernels.kernelize(model, ...)` and `from_pretrained(..., use_kernels=True)` find the DCNv3 kernel without a
 # `use_kernel_mapping` context (`use_hub_kernels` brings its own mapping and does not depend on this).

@@ -8,10 +8,17 @@ found only once this package registered it. A model passed to `share_as_remote_c
 package's model files beside its weights, and its config.json names this module's subclass of the composite's
 config class in `auto_map["AutoConfig"]`. Loading the directory with `trust_remote_code=True` then imports this
 module, which registers InternImage; the composite model itself is transformers' own class.
+
+The subclass has a model type of its own (`upernet_internimage` for UperNet, ...). With transformers' own type
+(`upernet`) in config.json, transformers would use its own config class whenever `trust_remote_code` is not given,
+and fail on the unknown backbone with a bare `KeyError: 'internimage'`; with a type it does not know, it asks for
+`trust_remote_code=True` instead. Where this package is imported the type is registered, so the directory loads
+without remote code too.
 """
 
 import transformers
 from transformers import AutoBackbone, AutoConfig
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configuration_internimage import InternImageConfig
 from .modeling_internimage import InternImageBackbone
@@ -21,13 +28,24 @@ AutoConfig.register(InternImageConfig.model_type, InternImageConfig, exist_ok=Tr
 AutoBackbone.register(InternImageConfig, InternImageBackbone, exist_ok=True)
 
 
+COMPOSITE_MODEL_TYPE_SUFFIX = "_internimage"
+
+
 def shareable_config_class(base: type) -> type:
-    """A subclass of the composite config class `base` with its name, defined in this module: saving an instance
-    writes this module and `auto_map`, and transformers' own class is left as it is."""
+    """A subclass of the composite config class `base` with its name and the model type `<base type>_internimage`,
+    defined in this module and registered with AutoConfig: saving an instance writes this module and `auto_map`,
+    and transformers' own class is left as it is."""
     shareable = globals().get(base.__name__)
     if shareable is None:
-        shareable = type(base.__name__, (base,), {"__module__": __name__, "__doc__": base.__doc__})
+        model_type = base.model_type + COMPOSITE_MODEL_TYPE_SUFFIX
+        attributes = {"__module__": __name__, "__doc__": base.__doc__, "model_type": model_type}
+        shareable = type(base.__name__, (base,), attributes)
         globals()[base.__name__] = shareable
+        AutoConfig.register(model_type, shareable, exist_ok=True)
+        # Weights are written and read in the base's checkpoint layout (RT-DETR renames some on load and save).
+        conversions = get_checkpoint_conversion_mapping(base.model_type)
+        if conversions:
+            register_checkpoint_conversion_mapping(model_type, conversions, overwrite=True)
     return shareable
 
 
