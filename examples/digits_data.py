@@ -51,12 +51,14 @@ def digits_scenes(
     digits_per_image: tuple[int, int] = (1, 3),
     seed: int = 0,
     validation_fraction: float = 0.2,
+    digit_scale: int = 3,
 ) -> DatasetDict:
-    """Canvases of `canvas` x `canvas` pixels holding 1-3 non-overlapping digits (24x24 each) on a noisy
-    background. Columns: `image`, `image_id`, `objects` {`bbox` (x, y, w, h), `category` (0-9), `area`,
+    """Canvases of `canvas` x `canvas` pixels holding 1-3 non-overlapping digits (8 * `digit_scale` pixels square)
+    on a noisy background. Columns: `image`, `image_id`, `objects` {`bbox` (x, y, w, h), `category` (0-9), `area`,
     `id`}, and `mask` (0 background, 1 + digit)."""
     rng = np.random.default_rng(seed)
-    images, targets = _digit_images(upscale=3)
+    images, targets = _digit_images(upscale=digit_scale)
+    side = 8 * digit_scale
     records = {"image": [], "image_id": [], "objects": [], "mask": []}
     for image_id in range(num_images):
         canvas_pixels = rng.integers(0, 40, size=(canvas, canvas), dtype=np.uint8)
@@ -64,16 +66,16 @@ def digits_scenes(
         objects = {"bbox": [], "category": [], "area": [], "id": []}
         for _ in range(rng.integers(digits_per_image[0], digits_per_image[1] + 1)):
             for _attempt in range(20):
-                y, x = rng.integers(0, canvas - 24, size=2)
-                if not mask[y : y + 24, x : x + 24].any():
+                y, x = rng.integers(0, canvas - side, size=2)
+                if not mask[y : y + side, x : x + side].any():
                     break
             else:
                 continue
             index = int(rng.integers(len(images)))
             digit, target = images[index], int(targets[index])
             ink = digit > 60
-            canvas_pixels[y : y + 24, x : x + 24] = np.maximum(canvas_pixels[y : y + 24, x : x + 24], digit)
-            mask[y : y + 24, x : x + 24][ink] = target + 1
+            canvas_pixels[y : y + side, x : x + side] = np.maximum(canvas_pixels[y : y + side, x : x + side], digit)
+            mask[y : y + side, x : x + side][ink] = target + 1
             rows, cols = np.nonzero(ink)
             box = [
                 float(x + cols.min()),

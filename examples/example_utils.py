@@ -168,11 +168,12 @@ def finish_splits(dataset, data_args: DataArguments, seed: int):
 
 def train_and_evaluate(trainer, training_args: TrainingArguments) -> dict:
     """Train (resuming if asked), save the model, metrics and state; evaluate before and after training. Returns
-    the final evaluation metrics (also in <output_dir>/eval_results.json)."""
+    the final evaluation metrics (also in <output_dir>/eval_results.json; before training: untrained_results.json)."""
     results = {}
     if training_args.do_train and training_args.do_eval:
         before = trainer.evaluate(metric_key_prefix="untrained")
         logger.info("before training: %s", {k: round(v, 4) for k, v in before.items() if isinstance(v, float)})
+        trainer.save_metrics("untrained", before, combined=False)
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()

@@ -590,6 +590,9 @@ class InternImageForImageClassification(InternImagePreTrainedModel):
 )
 class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
     has_attentions = False
+    # Its forward returns every stage itself. Without this, BackboneMixin would install output-capturing hooks that
+    # nothing reads, and each would break a torch.compile graph (they read a ContextVar).
+    _can_record_outputs = None
 
     def __init__(self, config: InternImageConfig) -> None:
         super().__init__(config)

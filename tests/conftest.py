@@ -169,6 +169,13 @@ def kernel_build() -> Path:
     return KERNEL_DIR / "build"
 
 
+def local_mapping(build: Path) -> dict:
+    """The kernels mapping of the CPU layers in a local build (the package's mapping names the Hub repo)."""
+    from kernels import LocalLayerRepository
+
+    return {layer: {"cpu": LocalLayerRepository(build, layer_name=layer)} for layer in ("DCNv3", "InternImageMLP")}
+
+
 @pytest.fixture(scope="session")
 def kernel(kernel_build):
     from kernels import get_local_kernel

@@ -1,15 +1,21 @@
-"""torch.compile with dynamic shapes (the normal case for segmentation and detection, whose inputs change size)."""
+"""torch.compile with dynamic shapes (the normal case for segmentation and detection, whose inputs change size), and
+whole models tracing into one graph."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_internimage import InternImageConfig
+from modeling_internimage import (
+    InternImageBackbone,
+    InternImageConfig,
+    InternImageForImageClassification,
+)
 from modeling_internimage.modeling_internimage import InternImageEmbeddings, InternImageStage
 
 
 SIZES = [(64, 64), (48, 80)]
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
 class ChannelsLastStem(nn.Module):
@@ -55,3 +61,21 @@ def test_stem_and_stage_compile_for_any_input_size():
             pixel_values = torch.randn(2, 3, *size)
             for got, wanted in zip(compiled(pixel_values), model(pixel_values)):
                 torch.testing.assert_close(got, wanted, atol=1e-4, rtol=1e-4)
+
+
+def tiny_config(**kwargs) -> InternImageConfig:
+    return InternImageConfig(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0, **kwargs)
+
+
+MODELS = {
+    "backbone": lambda: InternImageBackbone(tiny_config(out_features=STAGES)),
+    "classifier": lambda: InternImageForImageClassification(tiny_config(num_labels=5)),
+}
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_models_trace_into_one_graph(model_name):
+    """No graph breaks in training mode: each would split the compiled model and recompile per stage."""
+    model = MODELS[model_name]().train()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]

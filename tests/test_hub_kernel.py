@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KERNEL_DIR, PROJECT_ROOT, build_local, load_fixture_case
+from conftest import KERNEL_DIR, PROJECT_ROOT, build_local, load_fixture_case, local_mapping
 from kernels import LocalLayerRepository, Mode, use_kernel_mapping
 from safetensors import safe_open
 from test_reference_fixtures import OP_PARAMS, relative_error
@@ -28,10 +28,6 @@ from modeling_internimage import (
     use_hub_kernels,
     uses_hub_kernel,
 )
-
-
-def local_mapping(build: Path) -> dict:
-    return {layer: {"cpu": LocalLayerRepository(build, layer_name=layer)} for layer in ("DCNv3", "InternImageMLP")}
 
 
 def fixture_model(name: str = "tiny_h") -> tuple[InternImageForImageClassification, dict]:
