@@ -100,24 +100,23 @@ def detr_sizes(**kwargs) -> dict:
             **widths, **kwargs}  # fmt: skip
 
 
-def rt_detr() -> RTDetrForObjectDetection:
-    config = RTDetrConfig(
+def hybrid_encoder_detector(config_class, model_class):
+    """A small RT-DETR-style detector (RT-DETR, D-FINE: a hybrid encoder over the three last stages)."""
+    config = config_class(
         **detr_sizes(encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128], decoder_in_channels=[32, 32, 32]),
         encoder_attention_heads=1,
         decoder_attention_heads=1,
         anchor_image_size=None,
     )
-    return RTDetrForObjectDetection(config)
+    return model_class(config)
+
+
+def rt_detr() -> RTDetrForObjectDetection:
+    return hybrid_encoder_detector(RTDetrConfig, RTDetrForObjectDetection)
 
 
 def d_fine() -> DFineForObjectDetection:
-    config = DFineConfig(
-        **detr_sizes(encoder_hidden_dim=32, encoder_in_channels=[32, 64, 128], decoder_in_channels=[32, 32, 32]),
-        encoder_attention_heads=1,
-        decoder_attention_heads=1,
-        anchor_image_size=None,
-    )
-    return DFineForObjectDetection(config)
+    return hybrid_encoder_detector(DFineConfig, DFineForObjectDetection)
 
 
 def deformable_detr() -> DeformableDetrForObjectDetection:
