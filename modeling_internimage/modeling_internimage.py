@@ -154,7 +154,8 @@ class InternImageDCNv3(nn.Module):
         mask = softmax_last_dim(mask).view(batch, height, width, self.groups * self.num_points)
         output = self.core(value, offset, mask)
         if self.center_feature_scale_proj is not None:
-            blend = torch.sigmoid(self.center_feature_scale_proj(offset_features))[..., None]
+            # Under autocast the projection may run in another precision than the value (torch.lerp needs one).
+            blend = torch.sigmoid(self.center_feature_scale_proj(offset_features))[..., None].to(value.dtype)
             grouped_shape = (batch, height, width, self.groups, channels // self.groups)
             output = torch.lerp(output.view(grouped_shape), value.view(grouped_shape), blend).view_as(value)
         return self.output_proj(output)

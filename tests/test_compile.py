@@ -48,6 +48,39 @@ def test_torch_bug_convolution_over_a_channels_last_view_with_dynamic_shapes():
             torch.testing.assert_close(compiled(pixel_values), model(pixel_values))
 
 
+class ChannelsLastScale(nn.Module):
+    """The training failure on its own: a per-channel scale in channels-last between two convolutions, as in every
+    ConvNeXt-style block (transformers' ConvNextBackbone fails the same way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 4, 4), nn.Conv2d(8, 16, 2, 2)
+        self.scale = nn.Parameter(torch.randn(8))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv1(pixel_values).permute(0, 2, 3, 1) * self.scale
+        return self.conv2(hidden_states.permute(0, 3, 1, 2))
+
+
+@pytest.mark.xfail(
+    torch.__version__.startswith(("2.13.", "2.14.")),
+    reason="inductor orders the symbolic strides of a saved channels-last view without the shape environment "
+    "(TypeError: cannot determine truth value of Relational) when training with dynamic shapes",
+    raises=torch._dynamo.exc.BackendCompilerFailed,
+    strict=True,
+)
+def test_torch_bug_training_through_a_channels_last_view_with_dynamic_shapes():
+    """Until a torch release fixes this, models built from such blocks (InternImage, ConvNeXt) train compiled only at
+    a fixed input size (or eagerly); inference compiles for any size (tests below)."""
+    torch.manual_seed(0)
+    model = ChannelsLastScale()
+    compiled = torch.compile(model, dynamic=True)
+    for size in SIZES:
+        pixel_values = torch.randn(2, 3, *size)
+        compiled(pixel_values).sum().backward()
+        torch.testing.assert_close(compiled(pixel_values), model(pixel_values))
+
+
 def test_stem_and_stage_compile_for_any_input_size():
     """The model's stem and a stage with downsampling (norms, permutes, DCNv3 with the PyTorch operator) in
     inference on inputs of several sizes. Default settings compile the first size static and recompile with dynamic
@@ -61,6 +94,24 @@ def test_stem_and_stage_compile_for_any_input_size():
             pixel_values = torch.randn(2, 3, *size)
             for got, wanted in zip(compiled(pixel_values), model(pixel_values)):
                 torch.testing.assert_close(got, wanted, atol=1e-4, rtol=1e-4)
+
+
+def test_stem_and_stage_train_compiled_at_a_fixed_size():
+    """What the README advises until torch fixes training with dynamic shapes: forward and backward compiled at one
+    size agree with eager, gradients included."""
+    torch.manual_seed(0)
+    config = InternImageConfig(channels=16, depths=[1, 1], groups=[1, 2], drop_path_rate=0.0)
+    model = nn.Sequential(InternImageEmbeddings(config), InternImageStage(config, 0, [0.0], downsample=True)).train()
+    compiled = torch.compile(model, dynamic=False)
+    pixel_values = torch.randn(2, 3, *SIZES[1])
+    results = []
+    for run in (compiled, model):
+        model.zero_grad()
+        stage_output, downsampled = run(pixel_values)
+        (stage_output.square().mean() + downsampled.square().mean()).backward()
+        results.append([stage_output, downsampled, *(parameter.grad for parameter in model.parameters())])
+    for got, wanted in zip(*results):
+        torch.testing.assert_close(got, wanted, atol=1e-4, rtol=1e-4)
 
 
 def tiny_config(**kwargs) -> InternImageConfig:

@@ -170,6 +170,25 @@ def test_torch_compile_of_kernelized_model_matches_eager(kernel_build):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("operator", ["pytorch", "cpu_kernel"])
+@pytest.mark.parametrize("name", ["tiny_t", "tiny_s", "tiny_l", "tiny_h", "tiny_g", "tiny_t_remove_center"])
+def test_bfloat16_autocast_inference_agrees_with_float32(kernel_build, name, operator):
+    """CPU bf16 autocast keeps every fixture's predictions, and its logits within 1.5 % of their scale (about four
+    bf16 roundings, 2**-8 each). An absolute 1e-2 is out of reach at these scales (largest logit 1 to 2.9, measured
+    differences up to 0.028): the rounding is spread over all linear layers and convolutions, and keeping any one
+    group of them in float32 changes the largest difference by less than a third."""
+    model, io = fixture_model(name)
+    if operator == "cpu_kernel":
+        use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
+    pixel_values = io["input0.pixel_values"]
+    with torch.no_grad():
+        reference = model(pixel_values).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(pixel_values).logits
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    assert (logits.float() - reference).abs().max() <= 1.5e-2 * reference.abs().max()
+
+
 # transformers' use_kernels integration accepts only some kernels releases (5.23+ want kernels >= 0.18.2).
 requires_transformers_kernels = pytest.mark.skipif(
     not is_kernels_available(), reason="this transformers release does not accept the installed kernels"

@@ -17,6 +17,7 @@ from modeling_internimage import (
     InternImageForImageClassification,
     InternImageModel,
 )
+from modeling_internimage.modeling_internimage import InternImageDCNv3
 
 
 def tiny_config(**overrides) -> InternImageConfig:
@@ -128,6 +129,23 @@ def test_half_precision_forward_agrees_with_float32(dtype, tolerance):
     assert half.dtype == dtype
     scale = reference.abs().max()
     assert ((half.float() - reference).abs().max() / scale).item() < tolerance
+
+
+def test_center_feature_scale_under_autocast_with_a_layer_kept_in_float32():
+    """A layer kept out of autocast (as users do for precision) gives the value another dtype than the blend weights of
+    the center feature scale; the blend follows the value."""
+    model, _, io = _fixture_model("tiny_h")
+    assert model.config.center_feature_scale
+    for module in model.modules():
+        if isinstance(module, InternImageDCNv3):
+            in_float32 = torch.autocast("cpu", enabled=False)(module.input_proj.forward)
+            module.input_proj.forward = lambda hidden_states, forward=in_float32: forward(hidden_states.float())
+    pixel_values = io["input0.pixel_values"]
+    with torch.no_grad():
+        reference = model(pixel_values).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(pixel_values).logits
+    assert (logits.float() - reference).abs().max() <= 1.5e-2 * reference.abs().max()
 
 
 def _fixture_model(name):
