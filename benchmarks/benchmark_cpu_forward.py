@@ -11,11 +11,16 @@ oneDNN op with its bias, fc1 fused with its GELU); "(CPU kernel, DCNv3 only)" is
 "ConvNeXt-T (fused MLP)" gives transformers' ConvNeXt-T the kernel's fused MLP, for a like-for-like reading. The models take turns, repeat by repeat, each
 timed in its steady state.
 
-`--breakdown` then profiles ConvNeXt-T and InternImage-T (CPU kernel) at the largest batch size and prints where
-each forward's time goes (linear layers with their bias and any fused GELU, GELU on its own, convolutions,
-LayerNorm, the DCNv3 op, the rest).
+`--compile` adds ConvNeXt-T and InternImage-T (PyTorch operator, and CPU kernel) under `torch.compile` (default
+settings, compiled in the untimed first round). `--bf16` adds both models under CPU bf16 autocast; whether that can be
+faster depends on the CPU having bf16 instructions (AVX-512 BF16 or AMX), which the printed capability tells.
+
+Last, the fp32 GEMM floor: each model's multiply-adds (linear layers and convolutions, counted by torch's
+FlopCounterMode) at the speed of one large sgemm measured in the same run, i.e. the time the model would take if all
+of it ran at peak matrix-multiply speed and nothing else cost anything.
 
     .venv/bin/python benchmarks/benchmark_cpu_forward.py [--batch-sizes 1 8] [--repeats 5] [--threads N] [--breakdown]
+        [--compile] [--bf16]
 """
 
 import argparse
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
 from transformers.models.convnext.modeling_convnext import ConvNextLayer
 
@@ -199,6 +205,70 @@ def build_models() -> dict[str, torch.nn.Module]:
     return models
 
 
+class Autocast(nn.Module):
+    """`model` under CPU bf16 autocast."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(pixel_values)
+
+
+def variant_models(models: dict[str, nn.Module], compiled: bool, bf16: bool) -> dict[str, nn.Module]:
+    """Compiled and bf16-autocast rows of ConvNeXt-T and InternImage-T (PyTorch operator; CPU kernel where built).
+    The compiled kernel model uses only the kernel's DCNv3 layer, the one that declares torch.compile support."""
+    variants = {}
+    sources = {"ConvNeXt-T": models["ConvNeXt-T"], "InternImage-T": models["InternImage-T"]}
+    if "InternImage-T (CPU kernel)" in models:
+        sources["InternImage-T (CPU kernel)"] = models["InternImage-T (CPU kernel)"]
+    for name, model in sources.items():
+        if compiled:
+            if "CPU kernel" in name:
+                model = InternImageModel(InternImageConfig.from_variant("t")).eval()
+                use_hub_kernels(model, mapping=kernel_mapping("DCNv3"), mode="inference|torch_compile", strict=True)
+            variants[f"{name} (compiled)"] = torch.compile(model, dynamic=False)
+        if bf16:
+            variants[f"{name} (bf16 autocast)"] = Autocast(model)
+    return variants
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 matrix-multiply speed of this machine: a square sgemm of `size`, best of `repeats`."""
+    left, right = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(left, right)
+    best = min(timed_seconds(lambda: torch.mm(left, right)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def timed_seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def model_gflop(model: nn.Module, batch_size: int) -> float:
+    """Floating-point operations of one forward (2 per multiply-add of linear layers and convolutions)."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.randn(batch_size, 3, 224, 224))
+    return counter.get_total_flops() / 1e9
+
+
+def print_gemm_floor(models: dict[str, nn.Module], latencies_ms: dict[str, float], batch_size: int) -> None:
+    rate = sgemm_gflops()
+    print(f"\nfp32 GEMM floor, batch {batch_size}: sgemm 2048^3 at {rate:.0f} GFLOP/s on this machine")
+    print(f"{'model':<40}{'GFLOP':>8}{'floor ms':>10}{'ms':>10}{'x floor':>9}")
+    for name in ("ConvNeXt-T", "InternImage-T", "InternImage-T (CPU kernel)"):
+        if name in models:
+            gflop = model_gflop(models[name], batch_size)
+            floor_ms = 1000 * gflop / rate
+            latency = latencies_ms[name]
+            print(f"{name:<40}{gflop:>8.1f}{floor_ms:>10.1f}{latency:>10.1f}{latency / floor_ms:>9.2f}")
+
+
 # Top-level ATen ops (totals include their children, e.g. the bias copy inside a linear layer's addmm) per category.
 OP_CATEGORIES = {
     "linear layers": ("aten::linear", "::linear_activation"),  # the latter with fused GELU where it is
@@ -243,11 +313,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--breakdown", action="store_true", help="also print time per op category (profiler)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--bf16", action="store_true", help="also time models under CPU bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     check_original_style_op()
     models = build_models()
+    models.update(variant_models(models, args.compile, args.bf16))
     capability = torch.backends.cpu.get_cpu_capability()
     print(
         f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, {capability}"
@@ -258,6 +331,7 @@ def main() -> None:
         for name, latency in latencies.items():
             ratio = latency / latencies["ConvNeXt-T"]
             print(f"{name:<40}{batch_size:>6}{latency:>10.1f}{ratio:>15.2f}")
+    print_gemm_floor(models, latencies, batch_size)  # the last batch size timed
     if args.breakdown:
         print_breakdown(models, max(args.batch_sizes), args.repeats)
 

@@ -82,6 +82,9 @@ class DataTrainingArguments(DataArguments):
     detector_width: int = field(default=256, metadata={"help": "RT-DETR hidden size when its head is new"})
     num_queries: int = field(default=300, metadata={"help": "Object queries when the head is new"})
     decoder_layers: int = field(default=6, metadata={"help": "Decoder layers when the head is new"})
+    num_denoising: int | None = field(
+        default=None, metadata={"help": "Denoising queries when the head is new (default: 2 per query, at most 100)"}
+    )
 
 
 def parse_arguments(argv: list[str]):
@@ -208,6 +211,11 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, la
                 token=model_args.token,
             )
     check_query_count(data_args.num_queries, data_args.image_size, "--num_queries")
+    num_denoising = data_args.num_denoising
+    if num_denoising is None:
+        num_denoising = min(100, 2 * data_args.num_queries)
+    elif num_denoising < 0:
+        raise ExampleError(f"--num_denoising {num_denoising} must be 0 (no denoising queries) or more")
     backbone = backbone_config(model_args, BACKBONE_STAGES)
     width = data_args.detector_width
     config = RTDetrConfig(
@@ -223,7 +231,7 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, la
         decoder_attention_heads=max(width // 32, 1),
         num_queries=data_args.num_queries,
         decoder_layers=data_args.decoder_layers,
-        num_denoising=min(100, 2 * data_args.num_queries),
+        num_denoising=num_denoising,
         num_labels=len(labels),
         id2label=id2label,
         label2id=label2id,

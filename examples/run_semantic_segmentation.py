@@ -66,7 +66,7 @@ from modeling_internimage import share_as_remote_code  # (the import registers I
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 DEMO_DEFAULTS = (
-    "--num_train_epochs 25 --learning_rate 2e-3 --per_device_train_batch_size 16 --per_device_eval_batch_size 32 "
+    "--num_train_epochs 18 --learning_rate 2e-3 --per_device_train_batch_size 8 --per_device_eval_batch_size 32 "
     "--eval_strategy no --weight_decay 0.01 --warmup_steps 30"
 ).split()
 

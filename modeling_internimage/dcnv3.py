@@ -34,6 +34,49 @@ else:
         use_kernel_forward_from_hub = _undecorated
 
 
+def _define_opaque_grid_sample():
+    """`internimage::grid_sample_bilinear_zeros`: F.grid_sample (bilinear, zero padding, align_corners=False) as an
+    op that torch.compile calls as it is. Inductor otherwise decomposes grid_sample into generated gathers that run
+    the operator 8x slower than ATen's kernel on the CPU (batch 8, 56x56, 64 channels). Defined once per process,
+    whether this file is imported as the package or as Hub remote code."""
+    try:
+        return torch.ops.internimage.grid_sample_bilinear_zeros
+    except AttributeError:
+        pass
+
+    @torch.library.custom_op("internimage::grid_sample_bilinear_zeros", mutates_args=())
+    def grid_sample_bilinear_zeros(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    @grid_sample_bilinear_zeros.register_fake
+    def _(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return value.new_empty(value.shape[0], value.shape[1], grid.shape[1], grid.shape[2])
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_output: torch.Tensor):
+        value, grid = ctx.saved_tensors
+        bilinear, zeros, align_corners = 0, 0, False
+        return torch.ops.aten.grid_sampler_2d_backward(
+            grad_output, value, grid, bilinear, zeros, align_corners, [ctx.needs_input_grad[0], True]
+        )
+
+    grid_sample_bilinear_zeros.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.internimage.grid_sample_bilinear_zeros
+
+
+opaque_grid_sample = _define_opaque_grid_sample()
+
+
+def _grid_sample(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear sampling with zero padding; under torch.compile (not export, which keeps standard ops for ONNX and
+    other runtimes) through the opaque op above."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return opaque_grid_sample(value, grid)
+    return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def _sampling_grid_base(
     height_out: int,
     width_out: int,
@@ -141,7 +184,7 @@ def dcnv3_core_pytorch(
 
     value = value.to(compute_dtype).reshape(batch, height_in, width_in, group, group_channels)
     value = value.permute(0, 3, 4, 1, 2).reshape(batch * group, group_channels, height_in, width_in)
-    sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sampled = _grid_sample(value, grid)
 
     mask = mask.to(compute_dtype).reshape(batch, length_out, group, num_points).permute(0, 2, 3, 1)
     mask = mask.reshape(batch * group, 1, num_points, length_out)

@@ -75,6 +75,19 @@ def test_detection_trains_saves_and_reloads_into_a_pipeline(tmp_path):
         assert 0 <= box["xmin"] <= box["xmax"] <= 90 and 0 <= box["ymin"] <= box["ymax"] <= 70
 
 
+@pytest.mark.parametrize(
+    "flags, denoising", [([], 60), (["--num_denoising", "0"], 0), (["--num_denoising", "20"], 20)]
+)
+def test_detection_denoising_queries_follow_the_flag(flags, denoising):
+    """By default two denoising queries per object query (the demo's 30 give 60); `--num_denoising` sets them."""
+    from example_utils import ModelArguments
+
+    _, data_args, _, _ = run_object_detection.parse_arguments(flags)
+    model = run_object_detection.build_model(ModelArguments(model_name_or_path="tiny"), data_args, ["a", "b"])
+    assert model.config.num_denoising == denoising
+    assert hasattr(model.model, "denoising_class_embed") == (denoising > 0)
+
+
 @pytest.mark.parametrize("classes", ["same", "other"])
 def test_segmentation_fine_tunes_a_converted_upernet(classes, fixtures_dir, tmp_path, caplog):
     """From a converted paper checkpoint: the whole segmentor is kept; with other classes only the classifiers
@@ -375,6 +388,7 @@ def test_detection_metadata_without_any_object_is_refused(tmp_path):
             "--num_queries 300 must lie between 1 and the 189 encoder tokens",
         ),
         (run_object_detection, ["--num_queries", "0"], "--num_queries 0 must lie between 1"),
+        (run_object_detection, ["--num_denoising", "-1"], "--num_denoising -1 must be 0"),
         (run_object_detection, ["--image_size", "0"], "--image_size 0 must be a multiple of 32"),
         (run_semantic_segmentation, ["--image_size", "0"], "--image_size 0 must be a multiple of 32"),
         (run_image_classification, ["--image_size", "0"], "--image_size 0 must be at least 32"),
