@@ -11,8 +11,8 @@ oneDNN op with its bias, fc1 fused with its GELU); "(CPU kernel, DCNv3 only)" is
 "ConvNeXt-T (fused MLP)" gives transformers' ConvNeXt-T the kernel's fused MLP, for a like-for-like reading. The models take turns, repeat by repeat, each
 timed in its steady state.
 
-`--compile` adds ConvNeXt-T and InternImage-T (PyTorch operator, and CPU kernel) under `torch.compile` (default
-settings, compiled in the untimed first round). `--bf16` adds both models under CPU bf16 autocast; whether that can be
+`--compile` adds ConvNeXt-T and InternImage-T (PyTorch operator, and CPU kernel) under `torch.compile` (static
+shapes, compiled in the untimed first round). `--bf16` adds both models under CPU bf16 autocast; whether that can be
 faster depends on the CPU having bf16 instructions (AVX-512 BF16 or AMX), which the printed capability tells.
 
 Last, the fp32 GEMM floor: each model's multiply-adds (linear layers and convolutions, counted by torch's
