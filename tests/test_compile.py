@@ -83,13 +83,18 @@ def test_torch_bug_training_through_a_channels_last_view_with_dynamic_shapes():
         torch.testing.assert_close(compiled(pixel_values), model(pixel_values))
 
 
+def stem_and_stage() -> nn.Sequential:
+    """InternImage's stem and a first stage with downsampling, seeded."""
+    torch.manual_seed(0)
+    config = InternImageConfig(channels=16, depths=[1, 1], groups=[1, 2], drop_path_rate=0.0)
+    return nn.Sequential(InternImageEmbeddings(config), InternImageStage(config, 0, [0.0], downsample=True))
+
+
 def test_stem_and_stage_compile_for_any_input_size():
     """The model's stem and a stage with downsampling (norms, permutes, DCNv3 with the PyTorch operator) in
     inference on inputs of several sizes. Default settings compile the first size static and recompile with dynamic
     shapes at the second, so this covers both graphs (`dynamic=True` compiles the second one directly)."""
-    torch.manual_seed(0)
-    config = InternImageConfig(channels=16, depths=[1, 1], groups=[1, 2])
-    model = nn.Sequential(InternImageEmbeddings(config), InternImageStage(config, 0, [0.0], downsample=True)).eval()
+    model = stem_and_stage().eval()
     compiled = torch.compile(model)
     with torch.no_grad():
         for size in SIZES:
@@ -101,9 +106,7 @@ def test_stem_and_stage_compile_for_any_input_size():
 def test_stem_and_stage_train_compiled_at_a_fixed_size():
     """What the README advises until torch fixes training with dynamic shapes: forward and backward compiled at one
     size agree with eager, gradients included."""
-    torch.manual_seed(0)
-    config = InternImageConfig(channels=16, depths=[1, 1], groups=[1, 2], drop_path_rate=0.0)
-    model = nn.Sequential(InternImageEmbeddings(config), InternImageStage(config, 0, [0.0], downsample=True)).train()
+    model = stem_and_stage().train()
     compiled = torch.compile(model, dynamic=False)
     pixel_values = torch.randn(2, 3, *SIZES[1])
     results = []
