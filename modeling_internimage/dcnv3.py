@@ -34,6 +34,10 @@ else:
         use_kernel_forward_from_hub = _undecorated
 
 
+def _aten_grid_sample(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def _define_opaque_grid_sample():
     """`internimage::grid_sample_bilinear_zeros`: F.grid_sample (bilinear, zero padding, align_corners=False) as an
     op that torch.compile calls as it is. Inductor otherwise decomposes grid_sample into generated gathers that run
@@ -46,7 +50,7 @@ def _define_opaque_grid_sample():
 
     @torch.library.custom_op("internimage::grid_sample_bilinear_zeros", mutates_args=())
     def grid_sample_bilinear_zeros(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return _aten_grid_sample(value, grid)
 
     @grid_sample_bilinear_zeros.register_fake
     def _(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,7 @@ def _grid_sample(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     other runtimes) through the opaque op above."""
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return opaque_grid_sample(value, grid)
-    return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _aten_grid_sample(value, grid)
 
 
 def _sampling_grid_base(

@@ -91,6 +91,16 @@ def load_fixture_case(name: str) -> tuple[dict, dict, dict]:
     return description, load_file(models / f"{name}.safetensors"), load_file(models / f"{name}.io.safetensors")
 
 
+def fixture_classifier(name: str):
+    """A model fixture's classifier with the original weights loaded, in eval mode, and its inputs and outputs."""
+    from modeling_internimage import InternImageConfig, InternImageForImageClassification
+
+    description, state_dict, io = load_fixture_case(name)
+    model = InternImageForImageClassification(InternImageConfig(**description["original_constructor_kwargs"]))
+    model.load_original_state_dict(state_dict)
+    return model.eval(), io
+
+
 REMOTE_CODE_SCRIPT = textwrap.dedent(
     """
     import sys

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KERNEL_DIR, PROJECT_ROOT, build_local, load_fixture_case, local_mapping
+from conftest import KERNEL_DIR, PROJECT_ROOT, build_local, fixture_classifier, local_mapping
 from kernels import LocalLayerRepository, Mode, use_kernel_mapping
 from safetensors import safe_open
 from test_reference_fixtures import OP_PARAMS, relative_error
@@ -28,13 +28,6 @@ from modeling_internimage import (
     use_hub_kernels,
     uses_hub_kernel,
 )
-
-
-def fixture_model(name: str = "tiny_h") -> tuple[InternImageForImageClassification, dict]:
-    description, state_dict, io = load_fixture_case(name)
-    model = InternImageForImageClassification(InternImageConfig(**description["original_constructor_kwargs"]))
-    model.load_original_state_dict(state_dict)
-    return model.eval(), io
 
 
 @pytest.mark.parametrize(
@@ -56,7 +49,7 @@ def test_cpu_kernel_matches_original_op_fixtures(kernel, case, fixtures_dir):
 
 
 def test_kernelize_with_local_repository_matches_pytorch(kernel_build):
-    model, io = fixture_model("tiny_h")
+    model, io = fixture_classifier("tiny_h")
     pixel_values = io["input0.pixel_values"]
     with torch.no_grad():
         expected = model(pixel_values, output_hidden_states=True)
@@ -86,7 +79,7 @@ def fused_everywhere(model, monkeypatch) -> None:
 
 
 def test_cpu_inference_runs_every_mlp_on_the_fused_layer(kernel_build, monkeypatch):
-    model, io = fixture_model("tiny_t")
+    model, io = fixture_classifier("tiny_t")
     pixel_values = io["input0.pixel_values"]
     mlps = [module for module in model.modules() if isinstance(module, modeling.InternImageMLP)]
     gelus = [module for module in model.modules() if isinstance(module, GELUActivation)]
@@ -101,7 +94,7 @@ def test_cpu_inference_runs_every_mlp_on_the_fused_layer(kernel_build, monkeypat
 
 
 def test_the_mlp_layer_stays_out_of_training_and_gradients(kernel_build, monkeypatch):
-    model, io = fixture_model("tiny_t")
+    model, io = fixture_classifier("tiny_t")
     pixel_values = io["input0.pixel_values"].clone().requires_grad_()
     use_hub_kernels(model.train(), mapping=local_mapping(kernel_build), strict=True)
     mlp = model.internimage.encoder.stages[0].layers[0].mlp
@@ -126,7 +119,7 @@ def test_hooks_and_adapters_on_the_mlp_are_not_skipped(kernel_build, monkeypatch
             self.calls += 1
             return args, kwargs
 
-    model, io = fixture_model("tiny_t")
+    model, io = fixture_classifier("tiny_t")
     pixel_values = io["input0.pixel_values"]
     use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
     fused_everywhere(model, monkeypatch)
@@ -146,7 +139,7 @@ def test_hooks_and_adapters_on_the_mlp_are_not_skipped(kernel_build, monkeypatch
 
 
 def test_training_mode_kernel_gives_pytorch_gradients(kernel_build):
-    model, io = fixture_model("tiny_t")
+    model, io = fixture_classifier("tiny_t")
     model.train()
     pixel_values, labels = io["input0.pixel_values"], torch.tensor([1, 7])
     model(pixel_values, labels=labels).loss.backward()
@@ -160,7 +153,7 @@ def test_training_mode_kernel_gives_pytorch_gradients(kernel_build):
 
 
 def test_torch_compile_of_kernelized_model_matches_eager(kernel_build):
-    model, io = fixture_model("tiny_t")
+    model, io = fixture_classifier("tiny_t")
     use_hub_kernels(model, mapping=local_mapping(kernel_build), mode=Mode.INFERENCE | Mode.TORCH_COMPILE, strict=True)
     assert uses_hub_kernel(model)
     pixel_values = io["input0.pixel_values"]
@@ -177,7 +170,7 @@ def test_bfloat16_autocast_inference_agrees_with_float32(kernel_build, name, ope
     bf16 roundings, 2**-8 each). An absolute 1e-2 is out of reach at these scales (largest logit 1 to 2.9, measured
     differences up to 0.028): the rounding is spread over all linear layers and convolutions, and keeping any one
     group of them in float32 changes the largest difference by less than a third."""
-    model, io = fixture_model(name)
+    model, io = fixture_classifier(name)
     if operator == "cpu_kernel":
         use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
     pixel_values = io["input0.pixel_values"]
@@ -199,7 +192,7 @@ requires_transformers_kernels = pytest.mark.skipif(
 def test_from_pretrained_use_kernels_swaps_in_the_kernel(kernel_build, tmp_path):
     from transformers import AutoModelForImageClassification
 
-    model, io = fixture_model("tiny_t")
+    model, io = fixture_classifier("tiny_t")
     model.save_pretrained(tmp_path)
     with use_kernel_mapping(local_mapping(kernel_build)):
         reloaded = AutoModelForImageClassification.from_pretrained(tmp_path, use_kernels=True)
@@ -334,7 +327,7 @@ def test_mismatching_layer_signature_is_caught(tmp_path, caplog):
         "from torch import nn\n\n\nclass DCNv3(nn.Module):\n    def forward(self, value, offset):\n"
         "        return value\n"
     )
-    model, _ = fixture_model("tiny_t")
+    model, _ = fixture_classifier("tiny_t")
     with pytest.raises(TypeError, match="does not match `DCNv3Core`: different number of arguments"):
         use_hub_kernels(model, mapping=local_mapping(tmp_path / "build"), strict=True)
     with caplog.at_level("WARNING", logger="modeling_internimage.hub_kernels"):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT_ROOT, load_fixture_case, run_as_remote_code
+from conftest import PROJECT_ROOT, fixture_classifier, load_fixture_case, run_as_remote_code
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
 
@@ -121,7 +121,7 @@ class _EmptyCard:
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
 def test_half_precision_forward_agrees_with_float32(dtype, tolerance):
-    model, _, io = _fixture_model("tiny_h")
+    model, io = fixture_classifier("tiny_h")
     pixel_values = io["input0.pixel_values"]
     with torch.no_grad():
         reference = model(pixel_values).logits
@@ -134,7 +134,7 @@ def test_half_precision_forward_agrees_with_float32(dtype, tolerance):
 def test_center_feature_scale_under_autocast_with_a_layer_kept_in_float32():
     """A layer kept out of autocast (as users do for precision) gives the value another dtype than the blend weights of
     the center feature scale; the blend follows the value."""
-    model, _, io = _fixture_model("tiny_h")
+    model, io = fixture_classifier("tiny_h")
     assert model.config.center_feature_scale
     for module in model.modules():
         if isinstance(module, InternImageDCNv3):
@@ -146,13 +146,6 @@ def test_center_feature_scale_under_autocast_with_a_layer_kept_in_float32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(pixel_values).logits
     assert (logits.float() - reference).abs().max() <= 1.5e-2 * reference.abs().max()
-
-
-def _fixture_model(name):
-    description, state_dict, io = load_fixture_case(name)
-    model = InternImageForImageClassification(InternImageConfig(**description["original_constructor_kwargs"]))
-    model.load_original_state_dict(state_dict)
-    return model.eval(), description, io
 
 
 def test_torch_compile_matches_eager(classifier, pixel_values):
@@ -173,7 +166,7 @@ def test_torch_export_runs_and_matches(classifier, pixel_values):
 
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
-    model, _, io = _fixture_model("tiny_g")
+    model, io = fixture_classifier("tiny_g")
     pixel_values = io["input0.pixel_values"]
 
     class LogitsOnly(torch.nn.Module):
@@ -213,7 +206,7 @@ def test_bad_pixel_values_are_named(classifier, pixel_values, message):
 
 
 def test_clip_head_needs_sides_multiple_of_32():
-    model, _, _ = _fixture_model("tiny_g")
+    model, _ = fixture_classifier("tiny_g")
     with pytest.raises(ValueError, match="multiples of 32"):
         model(torch.randn(1, 3, 48, 64))
     backbone = InternImageBackbone(model.config)
