@@ -22,10 +22,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import albumentations as A
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import ClassLabel, Sequence, load_dataset
 from example_utils import (
     DataArguments,
@@ -62,6 +64,7 @@ from transformers import (
 )
 from transformers.image_transforms import center_to_corners_format
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.loss import loss_rt_detr
 
 from modeling_internimage import share_as_remote_code  # (the import registers InternImage with the Auto classes)
 
@@ -188,6 +191,40 @@ def check_boxes(dataset, data_args: DataTrainingArguments, num_classes: int) -> 
                     raise ExampleError(
                         f"{split} example {index}: category {category} is not among the {num_classes} classes"
                     )
+
+
+def paired_generalized_box_iou(boxes: torch.Tensor, other_boxes: torch.Tensor) -> torch.Tensor:
+    """Generalized IoU of `boxes[i]` with `other_boxes[i]`, both (N, 4) corners (x0, y0, x1, y1)."""
+    top_left, bottom_right = boxes[:, :2], boxes[:, 2:]
+    other_top_left, other_bottom_right = other_boxes[:, :2], other_boxes[:, 2:]
+    overlap = torch.minimum(bottom_right, other_bottom_right) - torch.maximum(top_left, other_top_left)
+    overlap_area = overlap.clamp(min=0).prod(1)
+    hull_area = (torch.maximum(bottom_right, other_bottom_right) - torch.minimum(top_left, other_top_left)).prod(1)
+    union = (bottom_right - top_left).prod(1) + (other_bottom_right - other_top_left).prod(1) - overlap_area
+    return overlap_area / union - (hull_area - union) / hull_area
+
+
+class PairedBoxRTDetrLoss(loss_rt_detr.RTDetrLoss):
+    """RT-DETR's loss with the GIoU term computed for each matched (prediction, target) pair alone. transformers
+    computes the GIoU matrix between all matched predictions and all their targets (denoising queries included,
+    thousands a batch) and keeps its diagonal; that matrix and its backward took about a third of a demo step on the
+    CPU. Same values (`tests/test_examples.py` compares the two)."""
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
+        predicted = outputs["pred_boxes"][self._get_source_permutation_idx(indices)]
+        matched = torch.cat([target["boxes"][i] for target, (_, i) in zip(targets, indices)], dim=0)
+        giou = paired_generalized_box_iou(center_to_corners_format(predicted), center_to_corners_format(matched))
+        return {
+            "loss_bbox": F.l1_loss(predicted, matched, reduction="sum") / num_boxes,
+            "loss_giou": (1 - giou).sum() / num_boxes,
+        }
+
+
+def rt_detr_loss_with_paired_giou(*args, **kwargs):
+    """transformers' RT-DETR loss function (its splitting of denoising and auxiliary outputs kept as each release has
+    it), with `PairedBoxRTDetrLoss` as the criterion it builds."""
+    with mock.patch.object(loss_rt_detr, "RTDetrLoss", PairedBoxRTDetrLoss):
+        return loss_rt_detr.RTDetrForObjectDetectionLoss(*args, **kwargs)
 
 
 def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, labels: list[str]):
@@ -414,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_boxes(dataset, data_args, len(labels))
     model = share_as_remote_code(build_model(model_args, data_args, labels))  # saves load without the package
     enable_hub_kernels(model, model_args)
+    if type(model) is RTDetrForObjectDetection:
+        model.loss_function = rt_detr_loss_with_paired_giou
     trainer = make_trainer(
         model,
         training_args,

@@ -88,6 +88,35 @@ def test_detection_denoising_queries_follow_the_flag(flags, denoising):
     assert hasattr(model.model, "denoising_class_embed") == (denoising > 0)
 
 
+def test_detection_loss_with_paired_giou_equals_transformers_loss():
+    """The demo's RT-DETR criterion, GIoU computed pair by pair, against transformers' own on the same outputs and the
+    same denoising draw: every loss term (denoising and auxiliary ones included) and the gradients."""
+    from example_utils import ModelArguments
+
+    _, data_args, _, _ = run_object_detection.parse_arguments([])
+    model = run_object_detection.build_model(ModelArguments(model_name_or_path="tiny"), data_args, ["a", "b"])
+    model.train()
+    pixel_values = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    labels = [
+        {"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5]])},
+        {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.9, 0.8]])},
+    ]
+    results = []
+    for loss_function in (model.loss_function, run_object_detection.rt_detr_loss_with_paired_giou):
+        model.loss_function = loss_function
+        model.zero_grad()
+        torch.manual_seed(0)
+        outputs = model(pixel_values=pixel_values, labels=labels)
+        outputs.loss.backward()
+        results.append((outputs.loss_dict, [parameter.grad.clone() for parameter in model.parameters()]))
+    (reference_terms, reference_grads), (paired_terms, paired_grads) = results
+    assert paired_terms.keys() == reference_terms.keys() and any("giou_dn" in key for key in paired_terms)
+    for key, value in reference_terms.items():
+        torch.testing.assert_close(paired_terms[key], value, msg=key)
+    for paired, reference in zip(paired_grads, reference_grads):
+        torch.testing.assert_close(paired, reference, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("classes", ["same", "other"])
 def test_segmentation_fine_tunes_a_converted_upernet(classes, fixtures_dir, tmp_path, caplog):
     """From a converted paper checkpoint: the whole segmentor is kept; with other classes only the classifiers
