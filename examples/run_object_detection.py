@@ -220,7 +220,7 @@ class PairedBoxRTDetrLoss(loss_rt_detr.RTDetrLoss):
         }
 
 
-def rt_detr_loss_with_paired_giou(*args, **kwargs):
+def rt_detr_loss_with_paired_giou(*args, **kwargs) -> tuple:
     """transformers' RT-DETR loss function (its splitting of denoising and auxiliary outputs kept as each release has
     it), with `PairedBoxRTDetrLoss` as the criterion it builds."""
     with mock.patch.object(loss_rt_detr, "RTDetrLoss", PairedBoxRTDetrLoss):

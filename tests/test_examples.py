@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -101,12 +102,17 @@ def test_detection_loss_with_paired_giou_equals_transformers_loss():
         {"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5]])},
         {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.9, 0.8]])},
     ]
+    paired_criterion = run_object_detection.PairedBoxRTDetrLoss
     results = []
     for loss_function in (model.loss_function, run_object_detection.rt_detr_loss_with_paired_giou):
         model.loss_function = loss_function
         model.zero_grad()
         torch.manual_seed(0)
-        outputs = model(pixel_values=pixel_values, labels=labels)
+        with mock.patch.object(
+            paired_criterion, "loss_boxes", autospec=True, side_effect=paired_criterion.loss_boxes
+        ) as spy:
+            outputs = model(pixel_values=pixel_values, labels=labels)
+        assert spy.called == (loss_function is run_object_detection.rt_detr_loss_with_paired_giou)
         outputs.loss.backward()
         results.append((outputs.loss_dict, [parameter.grad.clone() for parameter in model.parameters()]))
     (reference_terms, reference_grads), (paired_terms, paired_grads) = results
