@@ -72,8 +72,8 @@ from modeling_internimage import share_as_remote_code  # (the import registers I
 logger = logging.getLogger(__name__)
 BACKBONE_STAGES = ["stage2", "stage3", "stage4"]
 DEMO_DEFAULTS = (
-    "--num_train_epochs 15 --learning_rate 1e-3 --per_device_train_batch_size 16 --per_device_eval_batch_size 32 "
-    "--eval_strategy no --weight_decay 1e-4 --warmup_steps 50 --max_grad_norm 0.1"
+    "--num_train_epochs 20 --learning_rate 1e-3 --per_device_train_batch_size 16 --per_device_eval_batch_size 32 "
+    "--eval_strategy no --weight_decay 1e-4 --warmup_steps 50 --max_grad_norm 0.1 --num_denoising 20"
 ).split()
 
 

@@ -77,10 +77,15 @@ def test_detection_trains_saves_and_reloads_into_a_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags, denoising", [([], 60), (["--num_denoising", "0"], 0), (["--num_denoising", "20"], 20)]
+    "flags, denoising",
+    [
+        ([], 20),
+        (["--num_denoising", "0"], 0),
+        (["--train_dir", "unused", "--image_size", "96", "--num_queries", "30"], 60),
+    ],
 )
 def test_detection_denoising_queries_follow_the_flag(flags, denoising):
-    """By default two denoising queries per object query (the demo's 30 give 60); `--num_denoising` sets them."""
+    """The demo uses 20 denoising queries; elsewhere two per object query (30 give 60); `--num_denoising` sets them."""
     from example_utils import ModelArguments
 
     _, data_args, _, _ = run_object_detection.parse_arguments(flags)
