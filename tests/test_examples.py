@@ -76,6 +76,14 @@ def test_detection_trains_saves_and_reloads_into_a_pipeline(tmp_path):
         assert 0 <= box["xmin"] <= box["xmax"] <= 90 and 0 <= box["ymin"] <= box["ymax"] <= 70
 
 
+def tiny_detector(flags: list[str]):
+    """The detection script's new RT-DETR on the `tiny` backbone, for two classes, as `flags` configure it."""
+    from example_utils import ModelArguments
+
+    _, data_args, _, _ = run_object_detection.parse_arguments(flags)
+    return run_object_detection.build_model(ModelArguments(model_name_or_path="tiny"), data_args, ["a", "b"])
+
+
 @pytest.mark.parametrize(
     "flags, denoising",
     [
@@ -86,10 +94,7 @@ def test_detection_trains_saves_and_reloads_into_a_pipeline(tmp_path):
 )
 def test_detection_denoising_queries_follow_the_flag(flags, denoising):
     """The demo uses 20 denoising queries; elsewhere two per object query (30 give 60); `--num_denoising` sets them."""
-    from example_utils import ModelArguments
-
-    _, data_args, _, _ = run_object_detection.parse_arguments(flags)
-    model = run_object_detection.build_model(ModelArguments(model_name_or_path="tiny"), data_args, ["a", "b"])
+    model = tiny_detector(flags)
     assert model.config.num_denoising == denoising
     assert hasattr(model.model, "denoising_class_embed") == (denoising > 0)
 
@@ -97,11 +102,7 @@ def test_detection_denoising_queries_follow_the_flag(flags, denoising):
 def test_detection_loss_with_paired_giou_equals_transformers_loss():
     """The demo's RT-DETR criterion, GIoU computed pair by pair, against transformers' own on the same outputs and the
     same denoising draw: every loss term (denoising and auxiliary ones included) and the gradients."""
-    from example_utils import ModelArguments
-
-    _, data_args, _, _ = run_object_detection.parse_arguments([])
-    model = run_object_detection.build_model(ModelArguments(model_name_or_path="tiny"), data_args, ["a", "b"])
-    model.train()
+    model = tiny_detector([]).train()
     pixel_values = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     labels = [
         {"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5]])},
