@@ -1,18 +1,23 @@
 """torch.compile with dynamic shapes (the normal case for segmentation and detection, whose inputs change size), and
 whole models tracing into one graph."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import local_mapping
 from torch import nn
 from torch._functorch import config as functorch_config
 from torch._inductor.utils import run_and_get_code
+from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
 from modeling_internimage import (
     DCNv3Core,
     InternImageBackbone,
     InternImageConfig,
     InternImageForImageClassification,
+    use_hub_kernels,
 )
 from modeling_internimage.modeling_internimage import InternImageEmbeddings, InternImageStage
 
@@ -169,3 +174,54 @@ def test_models_trace_into_one_graph(model_name):
     model = MODELS[model_name]().train()
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+
+
+WHOLE_MODELS = {
+    "backbone": (MODELS["backbone"], lambda outputs: outputs.feature_maps),
+    "classifier": (MODELS["classifier"], lambda outputs: (outputs.logits,)),
+    "upernet": (
+        lambda: UperNetForSemanticSegmentation(
+            UperNetConfig(
+                backbone_config=tiny_config(out_features=STAGES), num_labels=3, hidden_size=16, auxiliary_channels=8
+            )
+        ),
+        lambda outputs: (outputs.logits,),
+    ),
+}
+
+
+class OutputTensors(nn.Module):
+    """The tensors of a model's output, as a tuple, for `assert_training_matches_eager`."""
+
+    def __init__(self, model: nn.Module, select) -> None:
+        super().__init__()
+        self.model, self.select = model, select
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.select(self.model(pixel_values)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("INTERNIMAGE_WHOLE_MODEL_COMPILE_TESTS") != "1",
+    reason="compiling a whole model with dynamic shapes takes 5-13 minutes per case on 2 CPU cores; "
+    "set INTERNIMAGE_WHOLE_MODEL_COMPILE_TESTS=1 to run these",
+)
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
+@pytest.mark.parametrize("operator", ["pytorch", "cpu_kernel"])
+@pytest.mark.parametrize("model_name", list(WHOLE_MODELS))
+def test_whole_model_trains_compiled_on_inputs_of_changing_size(model_name, operator, dynamic, request):
+    """Issue 12's promise in full: backbone, classifier and UperNet, with either DCNv3 operator, compiled with
+    default settings (dynamic shapes from the second size on) or `dynamic=True`, agree with eager on several sizes in
+    forward and backward, with the README's `recompute_views` setting for training."""
+    torch.manual_seed(0)
+    build, select = WHOLE_MODELS[model_name]
+    model = OutputTensors(build().train(), select)
+    if operator == "cpu_kernel":
+        mapping = local_mapping(request.getfixturevalue("kernel_build"))
+        use_hub_kernels(model, mapping=mapping, mode="training|torch_compile", strict=True)
+    torch._dynamo.reset()
+    with functorch_config.patch(recompute_views=True):
+        compiled = torch.compile(model, dynamic=dynamic)
+        for size in SIZES:
+            assert_training_matches_eager(compiled, model, torch.randn(2, 3, *size))
