@@ -204,16 +204,16 @@ class OutputTensors(nn.Module):
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("INTERNIMAGE_WHOLE_MODEL_COMPILE_TESTS") != "1",
-    reason="compiling a whole model with dynamic shapes takes 5-13 minutes per case on 2 CPU cores; "
-    "set INTERNIMAGE_WHOLE_MODEL_COMPILE_TESTS=1 to run these",
+    reason="compiling a whole model for training with dynamic shapes takes about half an hour per case on 2 CPU "
+    "cores; set INTERNIMAGE_WHOLE_MODEL_COMPILE_TESTS=1 to run these",
 )
 @pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
 @pytest.mark.parametrize("operator", ["pytorch", "cpu_kernel"])
 @pytest.mark.parametrize("model_name", list(WHOLE_MODELS))
 def test_whole_model_trains_compiled_on_inputs_of_changing_size(model_name, operator, dynamic, request):
-    """Issue 12's promise in full: backbone, classifier and UperNet, with either DCNv3 operator, compiled with
-    default settings (dynamic shapes from the second size on) or `dynamic=True`, agree with eager on several sizes in
-    forward and backward, with the README's `recompute_views` setting for training."""
+    """Any input size under torch.compile, for whole models: backbone, classifier and UperNet, with either DCNv3
+    operator, compiled with default settings (dynamic shapes from the second size on) or `dynamic=True`, agree with
+    eager on several sizes in forward and backward, with the README's `recompute_views` setting for training."""
     torch.manual_seed(0)
     build, select = WHOLE_MODELS[model_name]
     model = OutputTensors(build().train(), select)
