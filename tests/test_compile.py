@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import local_mapping
 from torch import nn
+from torch._dynamo.utils import counters
 from torch._functorch import config as functorch_config
 from torch._inductor.utils import run_and_get_code
 from transformers import UperNetConfig, UperNetForSemanticSegmentation
@@ -23,6 +24,13 @@ from modeling_internimage.modeling_internimage import InternImageEmbeddings, Int
 
 
 SIZES = [(64, 64), (48, 80)]
+# The first size is not square: with `dynamic=True`, torch's duck sizing gives equal sizes one symbol, so a square
+# first input compiles a graph for square inputs only and the next non-square one compiles again.
+WHOLE_MODEL_SIZES = [(64, 48), (48, 80), (96, 64)]
+# Graphs compiled over those sizes where torch keeps one training graph for all sizes (see
+# TRAINING_RECOMPILES_PER_SIZE): default settings compile the first size statically and the second dynamically.
+EXPECTED_GRAPHS = {None: 2, True: 1}
+
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
@@ -113,6 +121,31 @@ def test_training_through_a_channels_last_view_with_dynamic_shapes_when_views_ar
         compiled = torch.compile(model, dynamic=True)
         for size in SIZES:
             assert_training_matches_eager(compiled, model, torch.randn(2, 3, *size))
+
+
+# torch 2.13's inductor specialises the sizes of a convolution's backward to the first input's (in the lowering of
+# the input gradient, or, with its CPU channels-last layout optimisation, when the saved activations are restrided
+# to the forward's concrete strides), so compiled training recompiles for every new input size.
+TRAINING_RECOMPILES_PER_SIZE = torch.__version__.startswith("2.13.")
+
+
+@pytest.mark.xfail(
+    TRAINING_RECOMPILES_PER_SIZE,
+    reason="inductor guards a convolution's backward on the input size, so training recompiles for every size",
+    raises=AssertionError,
+    strict=True,
+)
+def test_torch_bug_training_convolutions_recompiles_for_every_input_size_with_dynamic_shapes():
+    """Two strided convolutions trained under `dynamic=True` should compile one graph for all sizes; kept so that the
+    whole-model test's expectation (one graph per size on affected versions) is revisited when torch fixes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 16, 3, 2, 1))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, dynamic=True)
+    for size in WHOLE_MODEL_SIZES[:2]:
+        compiled(torch.randn(2, 3, *size)).square().mean().backward()
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def stem_and_stage() -> nn.Sequential:
@@ -213,7 +246,8 @@ class OutputTensors(nn.Module):
 def test_whole_model_trains_compiled_on_inputs_of_changing_size(model_name, operator, dynamic, request):
     """Any input size under torch.compile, for whole models: backbone, classifier and UperNet, with either DCNv3
     operator, compiled with default settings (dynamic shapes from the second size on) or `dynamic=True`, agree with
-    eager on several sizes in forward and backward, with the README's `recompute_views` setting for training."""
+    eager on several sizes in forward and backward, with the README's `recompute_views` setting for training, and
+    compile no more graphs than those settings promise (on torch 2.13, one per size: a torch bug, reproduced above)."""
     torch.manual_seed(0)
     build, select = WHOLE_MODELS[model_name]
     model = OutputTensors(build().train(), select)
@@ -221,7 +255,10 @@ def test_whole_model_trains_compiled_on_inputs_of_changing_size(model_name, oper
         mapping = local_mapping(request.getfixturevalue("kernel_build"))
         use_hub_kernels(model, mapping=mapping, mode="training|torch_compile", strict=True)
     torch._dynamo.reset()
+    counters.clear()
     with functorch_config.patch(recompute_views=True):
         compiled = torch.compile(model, dynamic=dynamic)
-        for size in SIZES:
+        for size in WHOLE_MODEL_SIZES:
             assert_training_matches_eager(compiled, model, torch.randn(2, 3, *size))
+    expected = len(WHOLE_MODEL_SIZES) if TRAINING_RECOMPILES_PER_SIZE else EXPECTED_GRAPHS[dynamic]
+    assert counters["stats"]["unique_graphs"] == expected
