@@ -9,5 +9,5 @@ bash scripts/build_kernels.sh cpu cuda
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
 export HF_HUB_OFFLINE=1
-.venv/bin/python -m pytest tests hub_kernels/dcnv3/tests -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest tests hub_kernels/dcnv3/tests -q -p no:cacheprovider --durations=15 "$@"
 bash scripts/test_lowest_transformers.sh
