@@ -6,9 +6,11 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -191,6 +193,24 @@ def augmentation_seed(training_args: TrainingArguments) -> int:
     """The seed of this process's albumentations pipeline: --seed, offset by the process index so that the ranks of
     a distributed run do not augment their different samples with one sequence of draws."""
     return training_args.seed + training_args.process_index
+
+
+def reseeded_in_workers(pipeline: A.BaseCompose) -> Callable[..., dict]:
+    """`pipeline` (seeded), reseeded in each DataLoader worker from its own seed and the one torch gives that worker
+    (different for each worker and epoch, and repeatable for a --seed). A worker process starts with a copy of the
+    parent's generator, untouched, so without this every worker and every epoch would draw the same augmentations
+    (--dataloader_num_workers)."""
+    process_seed = pipeline.seed
+
+    def augment(**data) -> dict:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            worker_seed = int(np.random.SeedSequence([process_seed, worker.seed]).generate_state(1)[0])
+            if pipeline.seed != worker_seed:
+                pipeline.set_random_seed(worker_seed)
+        return pipeline(**data)
+
+    return augment
 
 
 def image_processor(class_name: str, size: int, **settings):

@@ -39,6 +39,7 @@ from example_utils import (
     prepare_output_dir,
     publish,
     require_columns,
+    reseeded_in_workers,
     train_and_evaluate,
 )
 from PIL import Image, ImageDraw
@@ -165,13 +166,15 @@ def processor_size(processor) -> int:
 
 def make_transforms(data_args: DataTrainingArguments, processor, seed: int):
     size = processor_size(processor)
-    augment = A.Compose(
-        [
-            A.SmallestMaxSize(max_size=size),
-            A.RandomResizedCrop(size=(size, size), scale=(data_args.random_crop_scale, 1.0)),
-            A.HorizontalFlip(p=data_args.horizontal_flip_probability),
-        ],
-        seed=seed,  # albumentations 2 draws from its own generator, which --seed does not reach otherwise
+    augment = reseeded_in_workers(
+        A.Compose(
+            [
+                A.SmallestMaxSize(max_size=size),
+                A.RandomResizedCrop(size=(size, size), scale=(data_args.random_crop_scale, 1.0)),
+                A.HorizontalFlip(p=data_args.horizontal_flip_probability),
+            ],
+            seed=seed,  # albumentations 2 draws from its own generator, which --seed does not reach otherwise
+        )
     )
 
     def train_transform(batch):

@@ -52,6 +52,7 @@ from example_utils import (
     publish,
     read_id2label,
     require_columns,
+    reseeded_in_workers,
     train_and_evaluate,
 )
 from PIL import Image, ImageDraw
@@ -293,15 +294,17 @@ def make_transforms(data_args: DataTrainingArguments, seed: int):
     size = data_args.image_size
     boxes = A.BboxParams(format="coco", label_fields=["category"], clip=True, min_area=4, min_visibility=0.3)
     normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    train = A.Compose(
-        [
-            A.Resize(size, size),
-            A.Affine(scale=(0.8, 1.2), translate_percent=0.1, p=0.7),
-            A.RandomBrightnessContrast(p=0.3),
-            normalize,
-        ],
-        bbox_params=boxes,
-        seed=seed,
+    train = reseeded_in_workers(
+        A.Compose(
+            [
+                A.Resize(size, size),
+                A.Affine(scale=(0.8, 1.2), translate_percent=0.1, p=0.7),
+                A.RandomBrightnessContrast(p=0.3),
+                normalize,
+            ],
+            bbox_params=boxes,
+            seed=seed,
+        )
     )
     evaluate = A.Compose([A.Resize(size, size), normalize], bbox_params=boxes)
 

@@ -48,6 +48,7 @@ from example_utils import (
     publish,
     read_id2label,
     require_columns,
+    reseeded_in_workers,
     train_and_evaluate,
 )
 from PIL import Image
@@ -225,7 +226,7 @@ def make_transforms(data_args: DataTrainingArguments, seed: int):
     size = data_args.image_size
     normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     crop_and_flip = [A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0)), A.HorizontalFlip(p=0.5)]
-    train = A.Compose([*crop_and_flip, normalize], seed=seed)
+    train = reseeded_in_workers(A.Compose([*crop_and_flip, normalize], seed=seed))
     evaluate = A.Compose([A.Resize(size, size), normalize])
 
     def apply(batch, augment):

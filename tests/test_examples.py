@@ -544,3 +544,32 @@ def test_dense_runs_are_deterministic_for_a_seed(script, tmp_path):
     assert all(torch.equal(first_weights[key], second_weights[key]) for key in first_weights)
     _, other_weights = run("c", 4)
     assert not all(torch.equal(first_weights[key], other_weights[key]) for key in first_weights)
+
+
+def augmented_epochs(seed: int, tmp_path) -> list[list[torch.Tensor]]:
+    """Two epochs of the segmentation example's training transform over copies of one image, loaded by two
+    DataLoader workers (one batch of two each), as the Trainer loads with --dataloader_num_workers 2."""
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    data_args = run_semantic_segmentation.parse_arguments(["--output_dir", str(tmp_path)])[1]
+    mask = Image.fromarray(np.arange(70 * 90, dtype=np.uint8).reshape(70, 90) % 3)
+    columns = {data_args.image_column_name: [demo_image()] * 4, data_args.label_column_name: [mask] * 4}
+    features = Features({name: ImageFeature() for name in columns})
+    dataset = Dataset.from_dict(columns, features=features)
+    dataset.set_transform(run_semantic_segmentation.make_transforms(data_args, seed)[0])
+    torch.manual_seed(seed)  # what the Trainer's set_seed does; DataLoader draws each epoch's worker seeds from it
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, num_workers=2, collate_fn=run_semantic_segmentation.collate
+    )
+    return [[batch["pixel_values"] for batch in loader] for _ in range(2)]
+
+
+def test_data_workers_draw_their_own_augmentations_repeatably(tmp_path):
+    """Each worker process starts with a copy of the parent's albumentations generator: unless the examples reseed
+    it per worker, both workers (same image) and both epochs would see identical crops and flips."""
+    first_epoch, second_epoch = augmented_epochs(0, tmp_path)
+    assert not torch.equal(first_epoch[0], first_epoch[1])  # batch 0 from worker 0, batch 1 from worker 1
+    assert not any(torch.equal(first, second) for first, second in zip(first_epoch, second_epoch))
+    again = augmented_epochs(0, tmp_path)
+    assert all(torch.equal(first, repeat) for first, repeat in zip(first_epoch + second_epoch, again[0] + again[1]))
