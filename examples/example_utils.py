@@ -313,6 +313,8 @@ def make_trainer(model: torch.nn.Module, training_args: TrainingArguments, datas
         avoid_single_sample_batches(training_args, len(dataset["train"]))
     dataset["train"].set_transform(train_transform)
     dataset["validation"].set_transform(eval_transform)
+    if training_args.torch_compile and training_args.do_train:
+        keep_inductor_from_reordering_scatters()
     return Trainer(
         model=model,
         args=training_args,
@@ -320,6 +322,15 @@ def make_trainer(model: torch.nn.Module, training_args: TrainingArguments, datas
         eval_dataset=dataset["validation"] if training_args.do_eval else None,
         **trainer_kwargs,
     )
+
+
+def keep_inductor_from_reordering_scatters() -> None:
+    """Switch off inductor's reordering of a graph for peak memory. On torch 2.13 it can move the scatter of an
+    upsampling's backward (UperNet's final resize) after the kernel that reads its result: a compiled UperNet then
+    trains with every gradient zero, silently (`tests/test_compile.py` keeps the reproduction)."""
+    import torch._inductor.config
+
+    torch._inductor.config.reorder_for_peak_memory = False
 
 
 def avoid_single_sample_batches(training_args: TrainingArguments, train_size: int) -> None:

@@ -12,8 +12,9 @@ from torch import nn
 from torch._dynamo import config as dynamo_config
 from torch._dynamo.utils import counters
 from torch._functorch import config as functorch_config
+from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
-from transformers import UperNetConfig, UperNetForSemanticSegmentation
+from transformers import ResNetConfig, UperNetConfig, UperNetForSemanticSegmentation
 
 from modeling_internimage import (
     DCNv3Core,
@@ -150,6 +151,41 @@ def test_torch_bug_training_convolutions_recompiles_for_every_input_size_with_dy
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def upernet_over_a_resnet() -> nn.Module:
+    """transformers' UperNet over a small ResNet, seeded: the bug below is not InternImage's."""
+    torch.manual_seed(0)
+    backbone = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", out_features=STAGES
+    )
+    config = UperNetConfig(backbone_config=backbone, num_labels=3, hidden_size=16, use_auxiliary_head=False)
+    return OutputTensors(UperNetForSemanticSegmentation(config).train(), lambda outputs: (outputs.logits,))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    torch.__version__.startswith("2.13."),
+    reason="inductor's reordering for peak memory schedules the scatter of the final upsampling's backward after the "
+    "kernel that reads it: every gradient of a compiled UperNet is zero",
+    raises=AssertionError,
+    strict=True,
+)
+def test_torch_bug_compiled_upernet_trains_with_zero_gradients():
+    """Kept so that the workaround (`reorder_for_peak_memory = False`, set by the examples for compiled training and
+    by the whole-model test below) can go when a torch release fixes it."""
+    model = upernet_over_a_resnet()
+    torch._dynamo.reset()
+    assert_training_matches_eager(torch.compile(model, dynamic=False), model, torch.randn(2, 3, 64, 48))
+
+
+@pytest.mark.slow
+def test_compiled_upernet_trains_when_inductor_does_not_reorder_for_peak_memory():
+    """The workaround for the bug above: outputs and gradients agree with eager."""
+    model = upernet_over_a_resnet()
+    torch._dynamo.reset()
+    with inductor_config.patch(reorder_for_peak_memory=False):
+        assert_training_matches_eager(torch.compile(model, dynamic=False), model, torch.randn(2, 3, 64, 48))
+
+
 def stem_and_stage() -> nn.Sequential:
     """InternImage's stem and a first stage with downsampling, seeded."""
     torch.manual_seed(0)
@@ -269,7 +305,7 @@ def test_whole_model_trains_compiled_on_inputs_of_changing_size(model_name, oper
     eager on several sizes in forward and backward, with the README's `recompute_views` setting for training, and
     compile no more graphs than those settings promise (with inductor on torch 2.13, one per size: a torch bug,
     reproduced above). Dynamo's profile of earlier runs (saved in the compile cache) is switched off, so that default
-    settings start static as on a first run."""
+    settings start static as on a first run, and so is inductor's reordering for peak memory (the UperNet bug above)."""
     torch.manual_seed(0)
     build, select = WHOLE_MODELS[model_name]
     model = OutputTensors(build().train(), select)
@@ -278,7 +314,11 @@ def test_whole_model_trains_compiled_on_inputs_of_changing_size(model_name, oper
         use_hub_kernels(model, mapping=mapping, mode="training|torch_compile", strict=True)
     torch._dynamo.reset()
     counters.clear()
-    with functorch_config.patch(recompute_views=True), dynamo_config.patch(automatic_dynamic_local_pgo=False):
+    with (
+        functorch_config.patch(recompute_views=True),
+        dynamo_config.patch(automatic_dynamic_local_pgo=False),
+        inductor_config.patch(reorder_for_peak_memory=False),
+    ):
         compiled = torch.compile(model, dynamic=dynamic, backend=backend)
         for size in WHOLE_MODEL_SIZES:
             assert_training_matches_eager(compiled, model, torch.randn(2, 3, *size))
