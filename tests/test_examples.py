@@ -575,7 +575,7 @@ def test_data_workers_draw_their_own_augmentations_repeatably(tmp_path):
     assert all(torch.equal(first, repeat) for first, repeat in zip(first_epoch + second_epoch, again[0] + again[1]))
 
 
-def test_compiled_training_switches_off_inductors_reordering_for_peak_memory(tmp_path, monkeypatch):
+def test_compiled_training_switches_off_inductors_reordering_for_peak_memory(tmp_path):
     """The examples' workaround for torch 2.13's compiled UperNet training with zero gradients (reproduced in
     tests/test_compile.py): set for compiled training only."""
     import torch._inductor.config as inductor_config
@@ -583,9 +583,10 @@ def test_compiled_training_switches_off_inductors_reordering_for_peak_memory(tmp
     from example_utils import make_trainer
     from transformers import TrainingArguments
 
-    monkeypatch.setattr(inductor_config, "reorder_for_peak_memory", True)
     splits = DatasetDict({split: Dataset.from_dict({"x": [1.0, 2.0]}) for split in ("train", "validation")})
     for compiled in (False, True):
-        args = TrainingArguments(output_dir=str(tmp_path), do_train=True, torch_compile=compiled, report_to="none")
-        make_trainer(torch.nn.Linear(1, 1), args, splits, (None, None))
-        assert inductor_config.reorder_for_peak_memory is not compiled
+        # patch() restores the process's setting afterwards (monkeypatch's undo removed the config entry)
+        with inductor_config.patch(reorder_for_peak_memory=True):
+            args = TrainingArguments(output_dir=str(tmp_path), do_train=True, torch_compile=compiled, report_to="none")
+            make_trainer(torch.nn.Linear(1, 1), args, splits, (None, None))
+            assert inductor_config.reorder_for_peak_memory is not compiled
