@@ -113,6 +113,17 @@ def assert_training_matches_eager(compiled: nn.Module, model: nn.Module, pixel_v
         torch.testing.assert_close(got, wanted, atol=1e-4, rtol=1e-4)
 
 
+class OutputTensors(nn.Module):
+    """The tensors of a model's output, as a tuple, for `assert_training_matches_eager`."""
+
+    def __init__(self, model: nn.Module, select) -> None:
+        super().__init__()
+        self.model, self.select = model, select
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.select(self.model(pixel_values)))
+
+
 def test_training_through_a_channels_last_view_with_dynamic_shapes_when_views_are_recomputed():
     """The workaround the README gives for the bug above: with the partitioner recomputing views in the backward pass
     instead of saving them, inductor never orders their strides; forward and backward compiled with dynamic shapes
@@ -259,17 +270,6 @@ WHOLE_MODELS = {
         lambda outputs: (outputs.logits,),
     ),
 }
-
-
-class OutputTensors(nn.Module):
-    """The tensors of a model's output, as a tuple, for `assert_training_matches_eager`."""
-
-    def __init__(self, model: nn.Module, select) -> None:
-        super().__init__()
-        self.model, self.select = model, select
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.select(self.model(pixel_values)))
 
 
 WHOLE_MODEL_GATE = "INTERNIMAGE_WHOLE_MODEL_COMPILE_TESTS"
