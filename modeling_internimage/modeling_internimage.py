@@ -4,13 +4,20 @@
 """PyTorch InternImage model (Wang et al., "InternImage: Exploring Large-Scale Vision Foundation Models with
 Deformable Convolutions", CVPR 2023).
 
-The trunk runs channels-last (N, H, W, C) as the original does; every tensor handed out (hidden states, feature
-maps, stage outputs) is NCHW, a permuted view of the tensor the next layer consumes.
+The trunk runs channels-last as the original does, held as tokens (N, H*W, C): norms, projections and residual
+sums see a 3-D tensor, and only the convolutions and the DCNv3 operator see 4-D views of it. Every tensor handed out
+(hidden states, feature maps, stage outputs) is NCHW, a view of the tokens the next layer consumes.
+
+Why tokens and not (N, H, W, C): torch.compile's inductor (layout optimisation, on by default on the CPU) gives every
+4-D tensor that feeds or follows a convolution the strides of a channels-last NCHW tensor. Applied to an (N, H, W, C)
+tensor that makes H the fastest-moving dimension, so each norm wrote its output transposed and copied it back: the
+compiled model ran slower than eager. 3-D tensors keep the layout they have.
 """
 
 import math
 import re
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,27 +47,32 @@ CLIP_PROJECTOR_HEADS = 16
 CLIP_EMBED_DIM = 768
 
 
-class InternImageChannelsLastBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d applied to a channels-last (N, H, W, C) tensor."""
+class InternImageTokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the channels of tokens (N, H*W, C)."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return super().forward(channels_first(hidden_states)).permute(0, 2, 3, 1)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens.transpose(1, 2)).transpose(1, 2)
 
 
-def build_channels_last_norm(config: InternImageConfig, num_channels: int) -> nn.Module:
-    """The configured norm (`config.norm_layer`) over the last dimension of a channels-last tensor."""
+def build_token_norm(config: InternImageConfig, num_channels: int) -> nn.Module:
+    """The configured norm (`config.norm_layer`) over the channels of tokens (N, H*W, C)."""
     if config.norm_layer == "BN":
-        return InternImageChannelsLastBatchNorm(num_channels)
+        return InternImageTokenBatchNorm(num_channels)
     return nn.LayerNorm(num_channels, eps=config.layer_norm_eps)
 
 
-def channels_first(hidden_states: torch.Tensor) -> torch.Tensor:
-    """The NCHW view (N, C, H, W) of a channels-last tensor (N, H, W, C), for convolutions and for the feature maps
-    handed out. Eager code takes the view as it is (channels-last memory, no copy). Under torch.compile with dynamic
-    shapes, inductor (torch 2.13) fails on such views as convolution inputs and graph outputs
-    (`tests/test_compile.py` keeps the reproduction), so there the view is made contiguous."""
-    hidden_states = hidden_states.permute(0, 3, 1, 2)
-    return hidden_states.contiguous() if torch.compiler.is_compiling() else hidden_states
+def to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """Tokens (N, H*W, C) of an NCHW feature map; a view where the map is channels-last in memory."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+def to_feature_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The NCHW view (N, C, H, W) of tokens (N, H*W, C), for convolutions and for the feature maps handed out. Eager
+    code takes the view as it is (channels-last memory, no copy). Under torch.compile with dynamic shapes, inductor
+    (torch 2.13) fails on such views as convolution inputs and graph outputs (`tests/test_compile.py` keeps the
+    reproduction), so there the view is made contiguous."""
+    feature_map = tokens.transpose(1, 2).unflatten(2, (height, width))
+    return feature_map.contiguous() if torch.compiler.is_compiling() else feature_map
 
 
 def softmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
@@ -99,15 +111,16 @@ class InternImageEmbeddings(nn.Module):
         super().__init__()
         self.num_channels = config.num_channels
         self.conv1 = nn.Conv2d(config.num_channels, config.channels // 2, kernel_size=3, stride=2, padding=1)
-        self.norm1 = build_channels_last_norm(config, config.channels // 2)
+        self.norm1 = build_token_norm(config, config.channels // 2)
         self.act = ACT2FN[config.hidden_act]
         self.conv2 = nn.Conv2d(config.channels // 2, config.channels, kernel_size=3, stride=2, padding=1)
-        self.norm2 = build_channels_last_norm(config, config.channels)
+        self.norm2 = build_token_norm(config, config.channels)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.conv1(pixel_values).permute(0, 2, 3, 1)
-        hidden_states = self.conv2(channels_first(self.act(self.norm1(hidden_states)))).permute(0, 2, 3, 1)
-        return channels_first(self.norm2(hidden_states))
+        features = self.conv1(pixel_values)
+        tokens = self.act(self.norm1(to_tokens(features)))
+        features = self.conv2(to_feature_map(tokens, *features.shape[-2:]))
+        return to_feature_map(self.norm2(to_tokens(features)), *features.shape[-2:])
 
 
 class InternImageDCNv3(nn.Module):
@@ -122,7 +135,7 @@ class InternImageDCNv3(nn.Module):
         self.dw_conv = nn.Conv2d(
             channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2, groups=channels
         )
-        self.dw_norm = build_channels_last_norm(config, channels)
+        self.dw_norm = build_token_norm(config, channels)
         self.dw_act = ACT2FN[config.hidden_act]
         self.offset = nn.Linear(channels, groups * self.num_points * 2)
         self.mask = nn.Linear(channels, groups * self.num_points)
@@ -143,20 +156,22 @@ class InternImageDCNv3(nn.Module):
             remove_center=config.remove_center,
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = hidden_states.shape
-        value = self.input_proj(hidden_states)
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """DCNv3 over tokens (N, H*W, C) of an H x W map."""
+        batch, length, channels = tokens.shape
+        value = self.input_proj(tokens)
         # Offsets and weights come from the block input, not from the projected value.
-        offset_features = self.dw_conv(channels_first(hidden_states)).permute(0, 2, 3, 1)
+        offset_features = to_tokens(self.dw_conv(to_feature_map(tokens, height, width)))
         offset_features = self.dw_act(self.dw_norm(offset_features))
         offset = self.offset(offset_features)
-        mask = self.mask(offset_features).view(batch, height, width, self.groups, self.num_points)
-        mask = softmax_last_dim(mask).view(batch, height, width, self.groups * self.num_points)
-        output = self.core(value, offset, mask)
+        mask = softmax_last_dim(self.mask(offset_features).view(batch, length, self.groups, self.num_points))
+        spatial_shape = (batch, height, width, -1)
+        output = self.core(value.view(spatial_shape), offset.view(spatial_shape), mask.view(spatial_shape))
+        output = output.reshape(batch, length, channels)
         if self.center_feature_scale_proj is not None:
             # Under autocast the projection may run in another precision than the value (torch.lerp needs one).
             blend = torch.sigmoid(self.center_feature_scale_proj(offset_features))[..., None].to(value.dtype)
-            grouped_shape = (batch, height, width, self.groups, channels // self.groups)
+            grouped_shape = (batch, length, self.groups, channels // self.groups)
             output = torch.lerp(output.view(grouped_shape), value.view(grouped_shape), blend).view_as(value)
         return self.output_proj(output)
 
@@ -216,9 +231,11 @@ class InternImageLayer(GradientCheckpointingLayer):
             output = scale * output
         return self.drop_path(output)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The block over tokens (N, H*W, C) of an H x W map."""
+        dcn = partial(self.dcn, height=height, width=width)
         hidden_states = hidden_states + self._branch(
-            hidden_states, self.norm1, self.dcn, self.res_post_norm1, self.layer_scale1
+            hidden_states, self.norm1, dcn, self.res_post_norm1, self.layer_scale1
         )
         return hidden_states + self._branch(
             hidden_states, self.norm2, self.mlp, self.res_post_norm2, self.layer_scale2
@@ -231,10 +248,11 @@ class InternImageDownsample(nn.Module):
     def __init__(self, config: InternImageConfig, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
-        self.norm = build_channels_last_norm(config, 2 * channels)
+        self.norm = build_token_norm(config, 2 * channels)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return channels_first(self.norm(self.conv(hidden_states).permute(0, 2, 3, 1)))
+        features = self.conv(hidden_states)
+        return to_feature_map(self.norm(to_tokens(features)), *features.shape[-2:])
 
 
 class InternImageStage(nn.Module):
@@ -258,14 +276,15 @@ class InternImageStage(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Map an NCHW input to (stage output, input of the next stage), both NCHW."""
-        hidden_states = hidden_states.permute(0, 2, 3, 1)
+        height, width = hidden_states.shape[-2:]
+        tokens = to_tokens(hidden_states)
         for block_id, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states)
+            tokens = layer(tokens, height, width)
             if block_id in self.post_norm_positions:
-                hidden_states = self.post_norms[self.post_norm_positions[block_id]](hidden_states)
+                tokens = self.post_norms[self.post_norm_positions[block_id]](tokens)
         if self.norm is not None:
-            hidden_states = self.norm(hidden_states)
-        stage_output = channels_first(hidden_states)
+            tokens = self.norm(tokens)
+        stage_output = to_feature_map(tokens, height, width)
         next_input = self.downsample(stage_output) if self.downsample is not None else None
         return stage_output, next_input
 

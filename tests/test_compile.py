@@ -258,6 +258,23 @@ def test_models_trace_into_one_graph(model_name):
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
 
 
+@pytest.mark.parametrize("norm_layer", ["LN", "BN"])
+def test_norms_and_projections_see_tokens_not_four_dimensional_maps(norm_layer):
+    """Inductor's layout optimisation gives every 4-D tensor near a convolution the strides of a channels-last NCHW
+    tensor; an (N, H, W, C) tensor then gets H as its fastest dimension, and the compiled model wrote each norm's
+    output transposed and copied it back (slower than eager). The trunk therefore keeps its channels-last tensors 3-D
+    (N, H*W, C) everywhere but at the convolutions and the DCNv3 operator."""
+    model = InternImageForImageClassification(tiny_config(num_labels=5, norm_layer=norm_layer)).eval()
+    seen = []
+    for module in model.internimage.modules():
+        if isinstance(module, (nn.LayerNorm, nn.BatchNorm1d, nn.Linear)):
+            module.register_forward_pre_hook(lambda module, args: seen.append((type(module).__name__, args[0].dim())))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 48))
+    assert {name for name, _ in seen} >= {"LayerNorm", "Linear"}
+    assert all(dim == 3 for _, dim in seen), sorted(set(seen))
+
+
 WHOLE_MODELS = {
     "backbone": (MODELS["backbone"], lambda outputs: outputs.feature_maps),
     "classifier": (MODELS["classifier"], lambda outputs: (outputs.logits,)),
