@@ -15,6 +15,7 @@ from conftest import KERNEL_DIR, PROJECT_ROOT, build_local, fixture_classifier, 
 from kernels import LocalLayerRepository, Mode, use_kernel_mapping
 from safetensors import safe_open
 from test_reference_fixtures import OP_PARAMS, relative_error
+from torch._inductor.utils import run_and_get_code
 from transformers.activations import GELUActivation
 from transformers.utils import is_kernels_available
 
@@ -152,15 +153,20 @@ def test_training_mode_kernel_gives_pytorch_gradients(kernel_build):
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, gradient, atol=1e-5, rtol=1e-4)
 
 
-def test_torch_compile_of_kernelized_model_matches_eager(kernel_build):
+def test_torch_compile_of_kernelized_model_matches_eager(kernel_build, monkeypatch):
+    """Both layers trace into one graph: the DCNv3 operator, and on the CPU the fused MLP op for every MLP."""
     model, io = fixture_classifier("tiny_t")
     use_hub_kernels(model, mapping=local_mapping(kernel_build), mode=Mode.INFERENCE | Mode.TORCH_COMPILE, strict=True)
     assert uses_hub_kernel(model)
+    fused_everywhere(model, monkeypatch)
+    mlps = [module for module in model.modules() if isinstance(module, modeling.InternImageMLP)]
     pixel_values = io["input0.pixel_values"]
     with torch.no_grad():
         eager = model(pixel_values).logits
-        compiled = torch.compile(model, fullgraph=True)(pixel_values).logits
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+        torch._dynamo.reset()
+        compiled, sources = run_and_get_code(torch.compile(model, fullgraph=True), pixel_values)
+    assert sum(source.count(".linear_activation.default(") for source in sources) == 2 * len(mlps)
+    torch.testing.assert_close(compiled.logits, eager, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("operator", ["pytorch", "cpu_kernel"])

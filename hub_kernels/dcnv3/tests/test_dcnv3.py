@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from kernels import get_kernel
+from torch._inductor.utils import run_and_get_code
 
 
 REPO_ID = "internimage-hf/dcnv3"
@@ -383,6 +384,15 @@ def test_linear_activation_handles_any_input(kernel, layout):
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.kernels_ci
+def test_linear_activation_opcheck(kernel):
+    """Schema, fake (meta) implementation and dispatch agree, as torch.compile needs."""
+    weight, bias = mlp_weights()
+    inputs = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(4))
+    for activation in ACTIVATIONS:
+        torch.library.opcheck(kernel.ops.linear_activation, (inputs, weight, bias, activation))
+
+
 def test_linear_activation_names_a_bad_activation_or_shape(kernel):
     weight, bias = mlp_weights()
     with pytest.raises(RuntimeError, match="unknown activation 'tanh'"):
@@ -403,6 +413,20 @@ class HostMLP(torch.nn.Module):
 
     def forward(self, hidden_states):
         return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden_states)))))
+
+
+@pytest.mark.kernels_ci
+def test_mlp_layer_compiles_into_one_graph_with_the_fused_op(kernel, monkeypatch):
+    """Under torch.compile the layer's checks trace without a graph break, and the graph calls the fused op."""
+    monkeypatch.setattr(kernel.layers, "FUSED_LINEAR_PAYS", True)
+    host = HostMLP().eval()
+    host.forward = kernel.layers.InternImageMLP.forward.__get__(host)
+    inputs = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        output, sources = run_and_get_code(torch.compile(host, fullgraph=True), inputs)
+        torch.testing.assert_close(output, HostMLP.forward(host, inputs), atol=1e-5, rtol=1e-5)
+    assert sum(source.count(".linear_activation.default(") for source in sources) == 2
 
 
 def _op_calls(run, op_suffix):

@@ -55,6 +55,13 @@ def _dcnv3_backward_fake(input, offset, mask, grad_output, *settings):
     return [torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)]
 
 
+if hasattr(ops, "linear_activation"):  # CPU builds
+
+    @torch.library.register_fake(add_op_namespace_prefix("linear_activation"))
+    def _linear_activation_fake(input, weight, bias, activation):
+        return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
 def _setup_context(ctx, inputs, output):
     input, offset, mask, *settings = inputs
     ctx.save_for_backward(input, offset, mask)

@@ -86,7 +86,7 @@ class InternImageMLP(nn.Module):
     fc2: nn.Linear
     dropout: nn.Module
 
-    can_torch_compile = False
+    can_torch_compile = True
     has_backward = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
