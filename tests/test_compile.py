@@ -290,33 +290,39 @@ WHOLE_MODELS = {
 
 
 WHOLE_MODEL_GATE = "INTERNIMAGE_WHOLE_MODEL_COMPILE_TESTS"
-# Inductor (torch.compile's default backend) generates and compiles C++ for every kernel: 20-35 minutes per case on 2
+# Inductor (torch.compile's default backend) generates and compiles C++ for every kernel: 8-35 minutes per case on 2
 # CPU cores, so its matrix runs only when asked. aot_eager traces the same graphs (dynamo and AOT autograd with
 # dynamic shapes, guards and recompiles) without generating code, in one to two minutes per case; CI runs it on three
-# cases that between them cover each model, operator and setting.
+# cases that between them cover each model, operator and setting. CI also compiles one case with inductor, on the
+# first two sizes (a static graph, then a dynamic one): UperNet, which holds the backbone, with the CPU kernel.
 TRACED_IN_CI = [("classifier", "pytorch", None), ("upernet", "cpu_kernel", None), ("backbone", "cpu_kernel", True)]
+INDUCTOR_IN_CI = ("upernet", "cpu_kernel", None)
 
 
-def whole_model_case(model_name: str, operator: str, dynamic: bool | None, backend: str, marks=()):
+def whole_model_case(model_name, operator, dynamic, backend, sizes=WHOLE_MODEL_SIZES, marks=()):
     setting = "default" if dynamic is None else "dynamic"
-    case_id = f"{backend}-{model_name}-{operator}-{setting}"
-    return pytest.param(model_name, operator, dynamic, backend, id=case_id, marks=marks)
+    case_id = f"{backend}-{model_name}-{operator}-{setting}-{len(sizes)}_sizes"
+    return pytest.param(model_name, operator, dynamic, backend, sizes, id=case_id, marks=marks)
 
 
 def whole_model_cases() -> list:
     needs_gate = pytest.mark.skipif(
         os.environ.get(WHOLE_MODEL_GATE) != "1",
-        reason=f"inductor compiles each case for 20-35 minutes on 2 CPU cores; set {WHOLE_MODEL_GATE}=1 to run",
+        reason=f"inductor compiles each case for 8-35 minutes on 2 CPU cores; set {WHOLE_MODEL_GATE}=1 to run",
     )
     matrix = itertools.product(WHOLE_MODELS, ("pytorch", "cpu_kernel"), (None, True))
-    return [whole_model_case(*case, "inductor", marks=needs_gate) for case in matrix] + [
-        whole_model_case(*case, "aot_eager") for case in TRACED_IN_CI
+    return [
+        *(whole_model_case(*case, "inductor", marks=needs_gate) for case in matrix),
+        whole_model_case(*INDUCTOR_IN_CI, "inductor", sizes=WHOLE_MODEL_SIZES[:2]),
+        *(whole_model_case(*case, "aot_eager") for case in TRACED_IN_CI),
     ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model_name", "operator", "dynamic", "backend"), whole_model_cases())
-def test_whole_model_trains_compiled_on_inputs_of_changing_size(model_name, operator, dynamic, backend, request):
+@pytest.mark.parametrize(("model_name", "operator", "dynamic", "backend", "sizes"), whole_model_cases())
+def test_whole_model_trains_compiled_on_inputs_of_changing_size(
+    model_name, operator, dynamic, backend, sizes, request
+):
     """Any input size under torch.compile, for whole models: backbone, classifier and UperNet, with either DCNv3
     operator, compiled with default settings (dynamic shapes from the second size on) or `dynamic=True`, agree with
     eager on several sizes in forward and backward, with the README's `recompute_views` setting for training, and
@@ -337,8 +343,8 @@ def test_whole_model_trains_compiled_on_inputs_of_changing_size(model_name, oper
         inductor_config.patch(reorder_for_peak_memory=False),
     ):
         compiled = torch.compile(model, dynamic=dynamic, backend=backend)
-        for size in WHOLE_MODEL_SIZES:
+        for size in sizes:
             assert_training_matches_eager(compiled, model, torch.randn(2, 3, *size))
     recompiles_per_size = backend == "inductor" and TRAINING_RECOMPILES_PER_SIZE
-    expected = len(WHOLE_MODEL_SIZES) if recompiles_per_size else EXPECTED_GRAPHS[dynamic]
+    expected = len(sizes) if recompiles_per_size else EXPECTED_GRAPHS[dynamic]
     assert counters["stats"]["unique_graphs"] == expected
