@@ -299,7 +299,14 @@ TRACED_IN_CI = [("classifier", "pytorch", None), ("upernet", "cpu_kernel", None)
 INDUCTOR_IN_CI = ("upernet", "cpu_kernel", None)
 
 
-def whole_model_case(model_name, operator, dynamic, backend, sizes=WHOLE_MODEL_SIZES, marks=()):
+def whole_model_case(
+    model_name: str,
+    operator: str,
+    dynamic: bool | None,
+    backend: str,
+    sizes: list[tuple[int, int]] = WHOLE_MODEL_SIZES,
+    marks=(),
+):
     setting = "default" if dynamic is None else "dynamic"
     case_id = f"{backend}-{model_name}-{operator}-{setting}-{len(sizes)}_sizes"
     return pytest.param(model_name, operator, dynamic, backend, sizes, id=case_id, marks=marks)
