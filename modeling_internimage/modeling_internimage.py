@@ -375,8 +375,7 @@ class InternImageAttentionPooler(nn.Module):
 
     def forward(self, stage_outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         features = self.pixel_shuffle(self.head_x4(stage_outputs[-1])) + self.head_x3(stage_outputs[-2])
-        tokens = features.flatten(2).transpose(1, 2)
-        return self.fc_norm(self.attention_pool(tokens))
+        return self.fc_norm(self.attention_pool(to_tokens(features)))
 
 
 def check_pixel_values(pixel_values: torch.Tensor | None, config: InternImageConfig, side_multiple: int = 1) -> None:
