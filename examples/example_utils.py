@@ -72,6 +72,15 @@ class DataArguments:
 
 
 @dataclass
+class MirroredDataArguments(DataArguments):
+    """Data flags of the tasks whose labels survive a horizontal flip (classes, masks)."""
+
+    horizontal_flip_probability: float = field(
+        default=0.5, metadata={"help": "Random horizontal flips (0 for data that must not be mirrored, e.g. digits)"}
+    )
+
+
+@dataclass
 class OutputArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output directory"})
 
@@ -97,6 +106,9 @@ def parse_example_arguments(data_class, argv: list[str], demo_defaults: list[str
     for flag in ("max_train_samples", "max_eval_samples"):
         if getattr(data_args, flag) is not None and getattr(data_args, flag) < 1:
             raise ExampleError(f"--{flag} {getattr(data_args, flag)} must be at least 1")
+    if isinstance(data_args, MirroredDataArguments) and not 0.0 <= data_args.horizontal_flip_probability <= 1.0:
+        flip = data_args.horizontal_flip_probability
+        raise ExampleError(f"--horizontal_flip_probability {flip} must lie between 0 and 1")
     if training_args.remove_unused_columns:
         # The transforms run on the fly (set_transform) and read the raw image and label columns, which Trainer
         # would otherwise drop before they run.

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from datasets import ClassLabel, load_dataset
 from example_utils import (
-    DataArguments,
     ExampleError,
+    MirroredDataArguments,
     ModelArguments,
     augmentation_seed,
     check_image_files,
@@ -63,11 +63,10 @@ DEMO_DEFAULTS = (
 
 
 @dataclass
-class DataTrainingArguments(DataArguments):
+class DataTrainingArguments(MirroredDataArguments):
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels"})
     image_size: int | None = field(default=None, metadata={"help": "Training resolution (default: processor's)"})
     random_crop_scale: float = field(default=0.7, metadata={"help": "Smallest area fraction of random crops"})
-    horizontal_flip_probability: float = field(default=0.5, metadata={"help": "Random horizontal flips"})
 
 
 def parse_arguments(argv: list[str]):

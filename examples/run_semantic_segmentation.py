@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, Features, load_dataset
 from datasets import Image as ImageFeature
 from example_utils import (
-    DataArguments,
     ExampleError,
+    MirroredDataArguments,
     ModelArguments,
     augmentation_seed,
     backbone_config,
@@ -73,7 +73,7 @@ DEMO_DEFAULTS = (
 
 
 @dataclass
-class DataTrainingArguments(DataArguments):
+class DataTrainingArguments(MirroredDataArguments):
     label_column_name: str = field(default="mask", metadata={"help": "Column holding the class-index masks"})
     id2label_file: str | None = field(default=None, metadata={"help": "JSON {id: name} of the classes"})
     reduce_labels: bool = field(default=False, metadata={"help": "Map 0 to 255 (ignored) and shift labels down"})
@@ -82,7 +82,8 @@ class DataTrainingArguments(DataArguments):
 
 
 def parse_arguments(argv: list[str]):
-    demo = DEMO_DEFAULTS + "--image_size 96 --decode_hidden_size 64".split()
+    # Digits must not be mirrored.
+    demo = DEMO_DEFAULTS + "--horizontal_flip_probability 0 --image_size 96 --decode_hidden_size 64".split()
     return parse_example_arguments(DataTrainingArguments, argv, demo)
 
 
@@ -225,7 +226,10 @@ def pretrained_segmentor(name: str, source_config, model_args: ModelArguments, i
 def make_transforms(data_args: DataTrainingArguments, seed: int):
     size = data_args.image_size
     normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    crop_and_flip = [A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0)), A.HorizontalFlip(p=0.5)]
+    crop_and_flip = [
+        A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0)),
+        A.HorizontalFlip(p=data_args.horizontal_flip_probability),
+    ]
     train = reseeded_in_workers(A.Compose([*crop_and_flip, normalize], seed=seed))
     evaluate = A.Compose([A.Resize(size, size), normalize])
 
