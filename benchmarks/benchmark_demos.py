@@ -2,10 +2,13 @@
 machine: the validation metric before and after training, the goal, and the wall time. Not a test (the figures
 depend on the machine); `--check` exits non-zero when a demo misses its goal, so that a regression shows.
 
-The time goals hold for the machine that set them, which ran the classification demo in
+The time goals are wall times on 2 CPU cores, set on a machine that ran the classification demo in
 `REFERENCE_CLASSIFICATION_SECONDS`; machines sold as "2 cores" differ by 1.5x and more. When the classification demo
-runs in the same invocation (it does by default), each wall time is also given as a ratio to it and scaled to that
-machine's speed, and the goal is checked on the scaled time; otherwise on the wall time itself.
+runs in the same invocation (it does by default), each wall time is also given as a ratio to it and scaled to the
+reference machine's speed. A demo meets its time goal when its wall time does, or, where the scaled time is less (a
+machine slower than the reference), when that does: the scaling only relaxes a goal. The yardstick is too noisy to
+tighten one: on one machine the classification demo took 88 s and, two hours later, 67 s (-24 %), while the dense
+demos' times moved by 4-12 %.
 
     .venv/bin/python benchmarks/benchmark_demos.py [--demos segmentation detection] [--check]
 
@@ -66,7 +69,7 @@ def run_demo(demo: Demo, work_dir: Path) -> dict:
 
 def meets_goal(demo: Demo, measured: dict, yardstick_seconds: float | None) -> bool:
     quality = demo.goal is None or measured["after"] >= demo.goal
-    return quality and (demo.seconds is None or reference_seconds(measured, yardstick_seconds) <= demo.seconds)
+    return quality and (demo.seconds is None or judged_seconds(measured, yardstick_seconds) <= demo.seconds)
 
 
 def reference_seconds(measured: dict, yardstick_seconds: float | None) -> float:
@@ -74,6 +77,11 @@ def reference_seconds(measured: dict, yardstick_seconds: float | None) -> float:
     if yardstick_seconds is None:
         return measured["seconds"]
     return measured["seconds"] * REFERENCE_CLASSIFICATION_SECONDS / yardstick_seconds
+
+
+def judged_seconds(measured: dict, yardstick_seconds: float | None) -> float:
+    """The time checked against the goal: the wall time, or the scaled one where that is less."""
+    return min(measured["seconds"], reference_seconds(measured, yardstick_seconds))
 
 
 def time_text(measured: dict, yardstick_seconds: float | None) -> str:
