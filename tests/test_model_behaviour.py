@@ -145,7 +145,9 @@ def test_center_feature_scale_under_autocast_with_a_layer_kept_in_float32():
         reference = model(pixel_values).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(pixel_values).logits
-    assert (logits.float() - reference).abs().max() <= 1.5e-2 * reference.abs().max()
+    # Within bf16 rounding of float32: along this mixed path 1.9 % of the logits' scale on an AMD EPYC with AVX-512
+    # (plain autocast 1.2 % there), under 1.5 % on an Intel Xeon.
+    assert (logits.float() - reference).abs().max() <= 3e-2 * reference.abs().max()
 
 
 def test_torch_compile_matches_eager(classifier, pixel_values):
