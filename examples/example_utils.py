@@ -79,6 +79,12 @@ class MirroredDataArguments(DataArguments):
         default=0.5, metadata={"help": "Random horizontal flips (0 for data that must not be mirrored, e.g. digits)"}
     )
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.horizontal_flip_probability <= 1.0:
+            raise ExampleError(
+                f"--horizontal_flip_probability {self.horizontal_flip_probability} must lie between 0 and 1"
+            )
+
 
 @dataclass
 class OutputArguments:
@@ -106,9 +112,6 @@ def parse_example_arguments(data_class, argv: list[str], demo_defaults: list[str
     for flag in ("max_train_samples", "max_eval_samples"):
         if getattr(data_args, flag) is not None and getattr(data_args, flag) < 1:
             raise ExampleError(f"--{flag} {getattr(data_args, flag)} must be at least 1")
-    if isinstance(data_args, MirroredDataArguments) and not 0.0 <= data_args.horizontal_flip_probability <= 1.0:
-        flip = data_args.horizontal_flip_probability
-        raise ExampleError(f"--horizontal_flip_probability {flip} must lie between 0 and 1")
     if training_args.remove_unused_columns:
         # The transforms run on the fly (set_transform) and read the raw image and label columns, which Trainer
         # would otherwise drop before they run.
