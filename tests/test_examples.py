@@ -440,6 +440,7 @@ def test_detection_metadata_without_any_object_is_refused(tmp_path):
             "--horizontal_flip_probability 1.5 must lie between 0 and 1",
         ),
         (run_image_classification, ["--horizontal_flip_probability", "-1"], "must lie between 0 and 1"),
+        (run_image_classification, ["--horizontal_flip_probability", "nan"], "nan must lie between 0 and 1"),
         (run_semantic_segmentation, ["--per_device_train_batch_size", "1"], "must be 2 or more"),
         (run_image_classification, ["--model_name_or_path", "./no/such/model"], "is neither an existing directory"),
         (run_object_detection, ["--model_name_or_path", "/no/such/dir"], "is neither an existing directory"),
