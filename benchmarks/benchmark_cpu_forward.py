@@ -37,7 +37,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
 from transformers.models.convnext.modeling_convnext import ConvNextLayer
 
-import modeling_internimage.modeling_internimage as modeling
 from modeling_internimage import DCNv3Core, InternImageConfig, InternImageModel, use_hub_kernels, uses_hub_kernel
 
 
@@ -93,29 +92,21 @@ def with_core_forward(model: torch.nn.Module, forward) -> torch.nn.Module:
     return model
 
 
+def original_style_softmax_dcnv3(core: DCNv3Core, value, offset, mask_logits):
+    """The original module's `F.softmax` over the points, then its operator."""
+    weights = F.softmax(mask_logits.unflatten(-1, (core.group, -1)), -1).flatten(-2)
+    return original_style_dcnv3(core, value, offset, weights)
+
+
 def with_original_style_op(model: torch.nn.Module) -> torch.nn.Module:
     """Route every DCNv3 core of `model` through the original algorithm (softmax included)."""
-    return with_core_forward(model, original_style_dcnv3)
-
-
-def with_modeling_overrides(model: torch.nn.Module, **overrides) -> torch.nn.Module:
-    """Have `timed_call_ms` replace these functions of the modeling file while `model` runs."""
-    model.modeling_overrides = overrides
-    return model
+    return with_core_forward(model, original_style_softmax_dcnv3)
 
 
 def timed_call_ms(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
-    overrides = getattr(model, "modeling_overrides", {})
-    saved = {name: getattr(modeling, name) for name in overrides}
-    for name, function in overrides.items():
-        setattr(modeling, name, function)
-    try:
-        start = time.perf_counter()
-        model(pixel_values)
-        return 1000 * (time.perf_counter() - start)
-    finally:
-        for name, function in saved.items():
-            setattr(modeling, name, function)
+    start = time.perf_counter()
+    model(pixel_values)
+    return 1000 * (time.perf_counter() - start)
 
 
 def median_latencies_ms(models: dict[str, torch.nn.Module], batch_size: int, repeats: int, warmup: int = 1):
@@ -177,10 +168,7 @@ def build_models() -> dict[str, torch.nn.Module]:
     convnext = ConvNextModel(convnext_config)
     swin = SwinModel(SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7))
     internimage = InternImageModel(InternImageConfig.from_variant("t")).eval()
-    original = with_modeling_overrides(
-        with_original_style_op(InternImageModel(InternImageConfig.from_variant("t")).eval()),
-        softmax_last_dim=lambda logits: logits.softmax(-1),
-    )
+    original = with_original_style_op(InternImageModel(InternImageConfig.from_variant("t")).eval())
     models = {
         "ConvNeXt-T": convnext.eval(),
         "Swin-T": swin.eval(),
@@ -195,9 +183,9 @@ def build_models() -> dict[str, torch.nn.Module]:
         models["ConvNeXt-T (fused MLP)"] = with_fused_mlp(ConvNextModel(convnext_config).eval(), linear_activation)
         with_kernels = InternImageModel(InternImageConfig.from_variant("t")).eval()
         dcnv3_only = InternImageModel(InternImageConfig.from_variant("t")).eval()
-        if uses_hub_kernel(use_hub_kernels(with_kernels, mapping=kernel_mapping("DCNv3", "InternImageMLP"))):
+        if uses_hub_kernel(use_hub_kernels(with_kernels, mapping=kernel_mapping("DCNv3Softmax", "InternImageMLP"))):
             models["InternImage-T (CPU kernel)"] = with_kernels
-        if uses_hub_kernel(use_hub_kernels(dcnv3_only, mapping=kernel_mapping("DCNv3"))):
+        if uses_hub_kernel(use_hub_kernels(dcnv3_only, mapping=kernel_mapping("DCNv3Softmax"))):
             models["InternImage-T (CPU kernel, DCNv3 only)"] = dcnv3_only
     models["InternImage-T (no DCNv3 op)"] = without_aggregation(
         InternImageModel(InternImageConfig.from_variant("t")).eval()
@@ -228,7 +216,7 @@ def variant_models(models: dict[str, nn.Module], compiled: bool, bf16: bool) -> 
         if compiled:
             if "CPU kernel" in name:
                 model = InternImageModel(InternImageConfig.from_variant("t")).eval()
-                mapping = kernel_mapping("DCNv3", "InternImageMLP")
+                mapping = kernel_mapping("DCNv3Softmax", "InternImageMLP")
                 use_hub_kernels(model, mapping=mapping, mode="inference|torch_compile", strict=True)
             variants[f"{name} (compiled)"] = torch.compile(model, dynamic=False)
         if bf16:
@@ -280,7 +268,7 @@ OP_CATEGORIES = {
     "GELU": ("aten::gelu",),
     "convolutions": ("aten::conv2d",),
     "LayerNorm": ("aten::layer_norm",),
-    "DCNv3 op": ("::dcnv3_forward",),
+    "DCNv3 op": ("::dcnv3_forward", "::dcnv3_softmax_forward"),
 }
 
 

@@ -24,7 +24,7 @@ from transformers import (
 
 from .composite_internimage import share_as_remote_code, shareable_config_class
 from .configuration_internimage import INTERNIMAGE_EVAL_RESOLUTION, INTERNIMAGE_VARIANTS, InternImageConfig
-from .dcnv3 import DCNv3Core, dcnv3_core_pytorch
+from .dcnv3 import DCNv3Core, DCNv3SoftmaxCore, dcnv3_core_pytorch
 from .hub_kernels import DCNV3_KERNEL_REPO_ID, dcnv3_kernel_mapping, use_hub_kernels, uses_hub_kernel
 from .image_processing_internimage import InternImageSegmentationImageProcessor
 from .image_processor_factory import build_image_processor
@@ -70,6 +70,7 @@ __all__ = [
     "INTERNIMAGE_VARIANTS",
     "OPENGVLAB_HUB_KEY_MAPPING",
     "DCNv3Core",
+    "DCNv3SoftmaxCore",
     "InternImageBackbone",
     "InternImageConfig",
     "InternImageForImageClassification",

@@ -266,10 +266,11 @@ class DCNv3Core(nn.Module):
 
     def forward(self, value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         check_dcnv3_inputs(value, offset, mask, self)
-        return dcnv3_core_pytorch(
-            value,
-            offset,
-            mask,
+        return dcnv3_core_pytorch(value, offset, mask, *self.operator_settings())
+
+    def operator_settings(self) -> tuple:
+        """The operator's arguments after the tensors (square kernel, stride, padding and dilation)."""
+        return (
             self.kernel_size,
             self.kernel_size,
             self.stride,
@@ -290,3 +291,23 @@ class DCNv3Core(nn.Module):
             f"group={self.group}, group_channels={self.group_channels}, offset_scale={self.offset_scale}, "
             f"remove_center={self.remove_center}"
         )
+
+
+def softmax_over_points(mask_logits: torch.Tensor, group: int) -> torch.Tensor:
+    """Softmax over each group's sampling points of `(..., group * P)` logits. Written as exp / sum, which on the CPU
+    runs several times faster than `Tensor.softmax(-1)`, whose kernel vectorises along the short last dimension."""
+    logits = mask_logits.unflatten(-1, (group, -1))
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+    return (weights / weights.sum(dim=-1, keepdim=True)).flatten(-2)
+
+
+@use_kernel_forward_from_hub("DCNv3Softmax")
+class DCNv3SoftmaxCore(DCNv3Core):
+    """`DCNv3Core` whose weights come as logits, normalised by a softmax over each group's points, as InternImage
+    uses the operator. One module for both, so that the hub kernel's `DCNv3Softmax` layer can fuse the softmax into
+    the aggregation (on the CPU the weights are then never written to memory)."""
+
+    def forward(self, value: torch.Tensor, offset: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        check_dcnv3_inputs(value, offset, mask_logits, self)
+        weights = softmax_over_points(mask_logits, self.group)
+        return dcnv3_core_pytorch(value, offset, weights, *self.operator_settings())

@@ -3,9 +3,10 @@
 # Licensed under the MIT License.
 """The compiled DCNv3 from the Hugging Face kernels hub, swapped into a loaded model with one call.
 
-`use_hub_kernels(model)` replaces the forward of every `DCNv3Core` by the hub kernel's `DCNv3` layer (CUDA on a GPU,
-C++ on a CPU) and, in CPU inference, the forward of every `InternImageMLP` by the kernel's layer of that name (oneDNN
-linear layers, fc1 fused with its activation). Where no kernel can be had (offline with an empty cache, a torch
+`use_hub_kernels(model)` replaces the forward of every `DCNv3SoftmaxCore` by the hub kernel's `DCNv3Softmax` layer
+(CUDA on a GPU; C++ on a CPU, where the softmax over the points is fused into the aggregation; a plain `DCNv3Core`
+by the `DCNv3` layer) and, in CPU inference, the forward of every `InternImageMLP` by the kernel's layer of that name
+(oneDNN linear layers, fc1 fused with its activation). Where no kernel can be had (offline with an empty cache, a torch
 version without a build, an unsupported device) the model keeps the PyTorch operator and one warning says why; with
 `HF_HUB_OFFLINE=1` nothing is fetched. The swap is per instance and undone by calling again with `enabled=False`.
 """
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 DCNV3_KERNEL_REPO_ID = "internimage-hf/dcnv3"
 DCNV3_KERNEL_VERSION = 1
 DCNV3_LAYER_NAME = "DCNv3"
+# InternImage's cores: weights as logits, the softmax over the points done by the layer. A kernel build that predates
+# this layer leaves them on the PyTorch operator (with the usual warning), never runs them through `DCNv3`.
+DCNV3_SOFTMAX_LAYER_NAME = "DCNv3Softmax"
+DCNV3_LAYER_NAMES = (DCNV3_LAYER_NAME, DCNV3_SOFTMAX_LAYER_NAME)
 KERNEL_DEVICES = ("cuda", "cpu")
 # The MLP's layer (fused oneDNN linear layers) is built in the CPU variant only, and runs in inference only.
 MLP_LAYER_NAME = "InternImageMLP"
@@ -51,7 +56,8 @@ def dcnv3_kernel_mapping(
     revision: str | None = None,
     trust_remote_code: bool | None = None,
 ) -> dict:
-    """kernels mapping of the `DCNv3` layer (CUDA and CPU) and of the `InternImageMLP` layer (CPU) to a hub repo.
+    """kernels mapping of the `DCNv3` and `DCNv3Softmax` layers (CUDA and CPU) and of the `InternImageMLP` layer
+    (CPU) to a hub repo.
 
     Without arguments: the package's own repo at version 1, whose code is trusted. A repo given here or through
     INTERNIMAGE_DCNV3_KERNEL_REPO needs `trust_remote_code=True` (or INTERNIMAGE_DCNV3_KERNEL_TRUST_REMOTE_CODE=1);
@@ -79,7 +85,7 @@ def dcnv3_kernel_mapping(
         )
 
     return {
-        DCNV3_LAYER_NAME: {device: repository(DCNV3_LAYER_NAME) for device in KERNEL_DEVICES},
+        **{name: {device: repository(name) for device in KERNEL_DEVICES} for name in DCNV3_LAYER_NAMES},
         MLP_LAYER_NAME: {"cpu": repository(MLP_LAYER_NAME)},
     }
 
@@ -107,7 +113,7 @@ def _model_device(model: torch.nn.Module) -> str:
 
 def _restore_pytorch_forward(model: torch.nn.Module) -> None:
     for module in model.modules():
-        if getattr(type(module), "kernel_layer_name", None) in (DCNV3_LAYER_NAME, MLP_LAYER_NAME):
+        if getattr(type(module), "kernel_layer_name", None) in (*DCNV3_LAYER_NAMES, MLP_LAYER_NAME):
             module.forward = MethodType(type(module).forward, module)
 
 
@@ -146,7 +152,7 @@ def use_hub_kernels(
         except ValueError as error:
             return _keep_pytorch_operator(model, str(error), strict, ValueError)
     device = _model_device(model)
-    if not any(_covers(key, device) for key in mapping.get(DCNV3_LAYER_NAME, {})):
+    if not any(_covers(key, device) for name in DCNV3_LAYER_NAMES for key in mapping.get(name, {})):
         return _keep_pytorch_operator(model, f"no DCNv3 hub kernel for device '{device}'", strict)
     # The MLP layer has no backward and no CUDA build: it falls back by design, in strict mode too.
     fallback = KernelizeFallback.DEFAULT if strict else KernelizeFallback.ALL
@@ -191,7 +197,7 @@ def _covers(key: str | Device, device: str) -> bool:
 def uses_hub_kernel(model: torch.nn.Module) -> bool:
     """Whether the model's DCNv3 cores currently run a hub kernel's forward."""
     cores = [module for module in model.modules() if isinstance(module, DCNv3Core)]
-    return bool(cores) and all(module.forward.__func__ is not DCNv3Core.forward for module in cores)
+    return bool(cores) and all(module.forward.__func__ is not type(module).forward for module in cores)
 
 
 __all__ = [

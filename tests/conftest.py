@@ -183,7 +183,8 @@ def local_mapping(build: Path) -> dict:
     """The kernels mapping of the CPU layers in a local build (the package's mapping names the Hub repo)."""
     from kernels import LocalLayerRepository
 
-    return {layer: {"cpu": LocalLayerRepository(build, layer_name=layer)} for layer in ("DCNv3", "InternImageMLP")}
+    layers = ("DCNv3", "DCNv3Softmax", "InternImageMLP")
+    return {layer: {"cpu": LocalLayerRepository(build, layer_name=layer)} for layer in layers}
 
 
 @pytest.fixture(scope="session")

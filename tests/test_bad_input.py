@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from modeling_internimage import (
     DCNv3Core,
+    DCNv3SoftmaxCore,
     InternImageConfig,
     InternImageForImageClassification,
     build_image_processor,
@@ -177,17 +178,27 @@ def test_core_accepts_non_contiguous_offsets_and_weights():
         ({"pad": -1}, (1, 5, 6, 8), "`pad` must not be negative"),
     ],
 )
-def test_core_settings_and_sizes_are_checked(setting, value_shape, message):
-    core = DCNv3Core(group=2, group_channels=4, **setting)
+@pytest.mark.parametrize("core_class", [DCNv3Core, DCNv3SoftmaxCore])
+def test_core_settings_and_sizes_are_checked(setting, value_shape, message, core_class):
+    core = core_class(group=2, group_channels=4, **setting)
     value = torch.randn(*value_shape)
     offset = torch.zeros(*value_shape[:3], 36)
     with pytest.raises(ValueError, match=message):
         core(value, offset, torch.ones(*value_shape[:3], 18))
 
 
+@pytest.mark.parametrize("core_class", [DCNv3Core, DCNv3SoftmaxCore])
+def test_core_names_a_mask_of_the_wrong_width(core_class):
+    """The softmax core checks before it splits the logits by group: the error names the mask, not a reshape."""
+    core = core_class(group=2, group_channels=4)
+    value, offset = torch.randn(1, 5, 6, 8), torch.zeros(1, 5, 6, 36)
+    with pytest.raises(ValueError, match="mask has shape \\(1, 5, 6, 17\\), expected \\(1, 5, 6, 18\\)"):
+        core(value, offset, torch.ones(1, 5, 6, 17))
+
+
 def test_use_hub_kernels_takes_a_mode_name(kernel_build):
     model = InternImageForImageClassification(InternImageConfig(**SMALL)).eval()
-    mapping = {"DCNv3": {"cpu": LocalLayerRepository(kernel_build, layer_name="DCNv3")}}
+    mapping = {"DCNv3Softmax": {"cpu": LocalLayerRepository(kernel_build, layer_name="DCNv3Softmax")}}
     use_hub_kernels(model, mapping=mapping, mode="inference", strict=True)
     assert uses_hub_kernel(model)
     with pytest.raises(ValueError, match="mode must be a kernels.Mode or one of inference"):

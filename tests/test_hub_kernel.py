@@ -23,6 +23,7 @@ import modeling_internimage.modeling_internimage as modeling
 from modeling_internimage import (
     DCNV3_KERNEL_REPO_ID,
     DCNv3Core,
+    DCNv3SoftmaxCore,
     InternImageConfig,
     InternImageForImageClassification,
     dcnv3_kernel_mapping,
@@ -64,6 +65,31 @@ def test_kernelize_with_local_repository_matches_pytorch(kernel_build):
     torch.testing.assert_close(actual.logits, io["input0.logits"], atol=1e-4, rtol=0)
     use_hub_kernels(model, enabled=False)
     assert not uses_hub_kernel(model)
+
+
+def test_a_kernel_build_without_the_softmax_layer_leaves_the_model_on_pytorch(kernel_build, caplog):
+    """A build from before the `DCNv3Softmax` layer has only `DCNv3`, which takes normalised weights: InternImage's
+    cores, which hand over logits, must not run through it. They keep the PyTorch operator, with one warning."""
+    model, io = fixture_classifier("tiny_t")
+    mapping = {"DCNv3": {"cpu": LocalLayerRepository(kernel_build, layer_name="DCNv3")}}
+    with caplog.at_level("WARNING", logger="modeling_internimage.hub_kernels"):
+        use_hub_kernels(model, mapping=mapping)
+    assert not uses_hub_kernel(model) and len(caplog.records) == 1
+    assert "keeps the PyTorch DCNv3 operator" in caplog.records[0].getMessage()
+    with torch.no_grad():
+        logits = model(io["input0.pixel_values"]).logits
+    torch.testing.assert_close(logits, io["input0.logits"], atol=1e-4, rtol=0)
+
+
+def test_the_softmax_layer_is_the_fused_op(kernel_build):
+    """With the kernel, each block makes one call of the fused op and no separate softmax ops run."""
+    model, io = fixture_classifier("tiny_t")
+    use_hub_kernels(model, mapping=local_mapping(kernel_build), strict=True)
+    pixel_values = io["input0.pixel_values"]
+    blocks = sum(isinstance(module, DCNv3SoftmaxCore) for module in model.modules())
+    with torch.no_grad():
+        assert _op_calls(lambda: model(pixel_values), "::dcnv3_softmax_forward") == blocks
+        assert _op_calls(lambda: model(pixel_values), "aten::exp") == 0
 
 
 def _op_calls(run, op_suffix: str) -> int:
@@ -330,11 +356,11 @@ def test_mismatching_layer_signature_is_caught(tmp_path, caplog):
     (variant / "metadata.json").write_text(json.dumps(metadata))
     (variant / "__init__.py").write_text("from . import layers\n__all__ = ['layers']\n")
     (variant / "layers.py").write_text(
-        "from torch import nn\n\n\nclass DCNv3(nn.Module):\n    def forward(self, value, offset):\n"
+        "from torch import nn\n\n\nclass DCNv3Softmax(nn.Module):\n    def forward(self, value, offset):\n"
         "        return value\n"
     )
     model, _ = fixture_classifier("tiny_t")
-    with pytest.raises(TypeError, match="does not match `DCNv3Core`: different number of arguments"):
+    with pytest.raises(TypeError, match="does not match `DCNv3SoftmaxCore`: different number of arguments"):
         use_hub_kernels(model, mapping=local_mapping(tmp_path / "build"), strict=True)
     with caplog.at_level("WARNING", logger="modeling_internimage.hub_kernels"):
         use_hub_kernels(model, mapping=local_mapping(tmp_path / "build"))
@@ -348,6 +374,7 @@ def test_hub_layers_source_matches_their_host_modules():
 
     hosts = {
         "DCNv3": DCNv3Core(),
+        "DCNv3Softmax": DCNv3SoftmaxCore(),
         "InternImageMLP": modeling.InternImageMLP(InternImageConfig(channels=16, groups=[1, 2, 4, 8]), 16),
     }
     tree = ast.parse((KERNEL_DIR / "torch-ext" / "dcnv3" / "layers.py").read_text())

@@ -7,11 +7,15 @@
 // AVX2/FMA, chosen at run time; other widths take the generic loop. In float with those widths the points'
 // footprints are computed eight at a time (the forward's for all points, branch-free; the backward's for the points
 // away from the border), which leaves the per-point work to the multiply-adds.
+//
+// `dcnv3_softmax_forward` takes the weights as logits and normalises each item's points by a softmax on the way in
+// (as InternImage does before the original operator), so the weights are never written to memory and read back.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -103,6 +107,20 @@ __attribute__((always_inline)) inline Corners<scalar_t, acc_t> interior_corners(
   return corners;
 }
 
+// Softmax of one item's point logits into `weights`, by the PyTorch formula exp(l - max) / sum: a NaN logit, or an
+// infinite largest one, makes every weight of the item NaN, as there.
+template <typename scalar_t, typename acc_t>
+inline void softmax_points(const scalar_t* logits, int points, acc_t* weights) {
+  acc_t peak = static_cast<acc_t>(logits[0]);
+  for (int p = 1; p < points; ++p) {
+    const acc_t logit = static_cast<acc_t>(logits[p]);
+    if (logit > peak || logit != logit) peak = logit;  // a NaN, once taken, compares false and stays
+  }
+  acc_t total = 0;
+  for (int p = 0; p < points; ++p) total += weights[p] = std::exp(static_cast<acc_t>(logits[p]) - peak);
+  for (int p = 0; p < points; ++p) weights[p] /= total;
+}
+
 // Points of one item whose footprints are computed eight at a time (kernels up to 5x5).
 constexpr int kMaxVectorPoints = 32;
 
@@ -151,10 +169,11 @@ __attribute__((always_inline)) inline void horizontal_sums(Float8 a, Float8 b, F
 inline void store8(int* pointer, Int8 vector) { __builtin_memcpy(pointer, &vector, sizeof(vector)); }
 
 // Fills `footprints` for the item's `points` points (offsets interleaved x, y), eight per step: per-point scalar work
-// (location, floor, bounds, weights) otherwise costs more than the point's vector multiply-adds. Without
-// `point_mask` the weights are the plain bilinear ones.
+// (location, floor, bounds, weights) otherwise costs more than the point's vector multiply-adds. The points' weights
+// are `point_mask` times `mask_scale`; without `point_mask` the weights are the plain bilinear ones.
 __attribute__((always_inline)) inline void item_footprints(const float* point_offset, const float* point_mask,
-                                                           int points, float center_x, float center_y,
+                                                           float mask_scale, int points, float center_x,
+                                                           float center_y,
                                                            const PointTable<float>& table, const Geometry& geo,
                                                            ItemFootprints& footprints) {
   const Int8 even = {0, 2, 4, 6, 8, 10, 12, 14}, odd = {1, 3, 5, 7, 9, 11, 13, 15};
@@ -189,7 +208,7 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     const Int8 x0_in = x0 >= 0, x1_in = x0 + 1 < width, y0_in = (y0 >= 0) & inside, y1_in = (y0 + 1 < height) & inside;
     store8(footprints.fx + first, fx);
     store8(footprints.fy + first, fy);
-    const Float8 mask = point_mask ? load8(mask_source) : one;
+    const Float8 mask = point_mask ? load8(mask_source) * mask_scale : one;
     store8(footprints.outside + first, ~inside);
     store8(footprints.outside_add + first, finite ? mask * zero : nan);
     const Float8 lower_mask = mask * fy;
@@ -205,6 +224,65 @@ __attribute__((always_inline)) inline void item_footprints(const float* point_of
     store8(footprints.weight[1] + first, upper * right);
     store8(footprints.weight[2] + first, lower * left);
     store8(footprints.weight[3] + first, lower * right);
+  }
+}
+// Largest |logit| whose exponential the softmax takes as it is, unshifted: P * exp(80) stays far below float's range
+// and exp(-80) above its smallest normal number, so exp(l) / sum exp(l) rounds as well as the max-shifted formula.
+constexpr float kDirectExpBound = 80.0f;
+
+// exp(x) for |x| <= kDirectExpBound (other values are clamped to it), eight at a time: x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by its Taylor series to degree 7 (truncation below 1e-8 relative, under float's rounding),
+// 2^n put into the exponent bits.
+__attribute__((always_inline)) inline Float8 exp_bounded(Float8 x) {
+  const Float8 zero = {}, bound = zero + kDirectExpBound, shifter = zero + 12582912.0f;
+  x = x >= -bound ? x : -bound;  // NaN too: the caller takes the exact path for such items
+  x = x <= bound ? x : bound;
+  const Float8 n = (x * 1.44269504f + shifter) - shifter;  // round(x / ln2) by the 1.5 * 2^23 shift
+  const Float8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two: the first product is exact
+  Float8 series = zero + 1.0f / 5040;
+  series = series * r + 1.0f / 720;
+  series = series * r + 1.0f / 120;
+  series = series * r + 1.0f / 24;
+  series = series * r + 1.0f / 6;
+  series = series * r + 0.5f;
+  series = series * r + 1.0f;
+  series = series * r + 1.0f;
+  const Int8 exponent = (__builtin_convertvector(n, Int8) + 127) << 23;
+  Float8 power;
+  __builtin_memcpy(&power, &exponent, sizeof(power));
+  return series * power;
+}
+
+// Softmax of one output pixel's items (`groups` x `points` logits, contiguous) for the vectorised forward: the
+// exponentials into `weights` eight at a time, and per item the reciprocal of their sum into `scales`. Where a logit
+// of the pixel lies beyond +-kDirectExpBound or is not finite, every item of the pixel takes `softmax_points`
+// instead (scale 1), with the PyTorch formula's NaN behaviour. `weights` holds groups * points rounded up to 8.
+__attribute__((always_inline)) inline void pixel_softmax(const float* logits, int groups, int points, float* weights,
+                                                         float* scales) {
+  const int count = groups * points;
+  const Float8 zero = {}, bound = zero + kDirectExpBound;
+  Int8 in_range = (zero == zero);
+  for (int first = 0; first < count; first += 8) {
+    Float8 logit8 = zero;
+    if (first + 8 <= count) {
+      logit8 = load8(logits + first);
+    } else {
+      __builtin_memcpy(&logit8, logits + first, sizeof(float) * (count - first));
+    }
+    in_range &= (logit8 <= bound) & (logit8 >= -bound);
+    store8(weights + first, exp_bounded(logit8));
+  }
+  bool direct = true;
+  for (int k = 0; k < 8; ++k) direct = direct && in_range[k];
+  for (int g = 0; g < groups; ++g) {
+    if (!direct) {
+      softmax_points(logits + g * points, points, weights + g * points);
+      scales[g] = 1.0f;
+      continue;
+    }
+    float total = 0;
+    for (int p = 0; p < points; ++p) total += weights[g * points + p];
+    scales[g] = 1.0f / total;
   }
 }
 #define DCNV3_VECTOR_EXTENSIONS 1
@@ -278,13 +356,14 @@ __attribute__((always_inline)) inline void scatter_interior(const acc_t* __restr
 template <int DEPTH>
 __attribute__((always_inline)) inline void forward_item_vector(const float* __restrict__ image,
                                                                const float* point_offset, const float* point_mask,
-                                                               float* __restrict__ out, float center_x,
+                                                               float mask_scale, float* __restrict__ out,
+                                                               float center_x,
                                                                float center_y, const Geometry& geo,
                                                                const PointTable<float>& table,
                                                                ItemFootprints& footprints) {
   constexpr int kVectors = DEPTH / 8;
   const int points = geo.num_points();
-  item_footprints(point_offset, point_mask, points, center_x, center_y, table, geo, footprints);
+  item_footprints(point_offset, point_mask, mask_scale, points, center_x, center_y, table, geo, footprints);
   Float8 acc[kVectors] = {};
   for (int p = 0; p < points; ++p) {
     if (footprints.outside[p]) {
@@ -308,7 +387,7 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
                                                          const scalar_t* __restrict__ mask,
                                                          scalar_t* __restrict__ output, const Geometry& geo,
                                                          const PointTable<at::opmath_type<scalar_t>>& table,
-                                                         int64_t begin, int64_t end) {
+                                                         bool softmax, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t depth = ChannelBuffer<acc_t, DEPTH>::size(geo.group_channels);
   const int points = geo.num_points();
@@ -320,11 +399,22 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
   const std::vector<scalar_t> zero_pixel(depth, scalar_t(0));
   const bool vector_footprints = kVectorFootprints<scalar_t, DEPTH> && vector_footprints_fit(geo);
   [[maybe_unused]] ItemFootprints footprints;
+  // Softmax weights of the current pixel's items, unnormalised where `softmax_scales` holds 1 / sum.
+  std::vector<acc_t> softmax_weights(softmax ? PointTable<acc_t>::padded(geo.group * points) : 0);
+  std::vector<acc_t> softmax_scales(softmax ? geo.group : 0);
   for (int64_t pixel = begin; pixel < end; ++pixel) {
     const int64_t w = pixel % geo.width_out, h = (pixel / geo.width_out) % geo.height_out;
     const int64_t n = pixel / (geo.width_out * geo.height_out);
     acc_t center_x, center_y;
     dcnv3::pixel_center(geo, h, w, center_x, center_y);
+#if DCNV3_VECTOR_EXTENSIONS
+    if constexpr (kVectorFootprints<scalar_t, DEPTH>) {
+      if (softmax && vector_footprints) {
+        pixel_softmax(mask + pixel * geo.group * points, static_cast<int>(geo.group), points, softmax_weights.data(),
+                      softmax_scales.data());
+      }
+    }
+#endif
     for (int64_t g = 0; g < geo.group; ++g) {
       const scalar_t* image = value + n * geo.height_in * geo.width_in * channels + g * depth;
       const int64_t item = pixel * geo.group + g;
@@ -333,17 +423,19 @@ __attribute__((always_inline)) inline void forward_range(const scalar_t* __restr
 #if DCNV3_VECTOR_EXTENSIONS
       if constexpr (kVectorFootprints<scalar_t, DEPTH>) {
         if (vector_footprints) {
-          forward_item_vector<DEPTH>(image, point_offset, point_mask, output + item * depth, center_x, center_y,
-                                     geo, table, footprints);
+          const float* weights = softmax ? softmax_weights.data() + g * points : point_mask;
+          forward_item_vector<DEPTH>(image, point_offset, weights, softmax ? softmax_scales[g] : 1.0f,
+                                     output + item * depth, center_x, center_y, geo, table, footprints);
           continue;
         }
       }
 #endif
+      if (softmax) softmax_points(point_mask, points, softmax_weights.data());
       for (int64_t c = 0; c < depth; ++c) acc.data[c] = 0;
       for (int p = 0; p < points; ++p) {
         const acc_t x = center_x + table.dx[p] + scale * static_cast<acc_t>(point_offset[2 * p]);
         const acc_t y = center_y + table.dy[p] + scale * static_cast<acc_t>(point_offset[2 * p + 1]);
-        const acc_t m = static_cast<acc_t>(point_mask[p]);
+        const acc_t m = softmax ? softmax_weights[p] : static_cast<acc_t>(point_mask[p]);
         Corners<scalar_t, acc_t> corners;
         if (x >= acc_t(0) && y >= acc_t(0) && x < interior_x && y < interior_y) {
           acc_t fx, fy;
@@ -408,7 +500,7 @@ __attribute__((always_inline)) inline void backward_range(
 #if DCNV3_VECTOR_EXTENSIONS
       if constexpr (kVectorFootprints<scalar_t, DEPTH>) {
         if (vector_footprints) {
-          item_footprints(offset + row * 2, nullptr, points, center_x, center_y, table, geo, footprints);
+          item_footprints(offset + row * 2, nullptr, 1.0f, points, center_x, center_y, table, geo, footprints);
         }
       }
 #endif
@@ -479,8 +571,8 @@ using Table = PointTable<at::opmath_type<scalar_t>>;
 
 template <typename scalar_t, int DEPTH>
 void forward_default(const scalar_t* v, const scalar_t* o, const scalar_t* m, scalar_t* out, const Geometry& geo,
-                     const Table<scalar_t>& table, int64_t begin, int64_t end) {
-  forward_range<scalar_t, DEPTH>(v, o, m, out, geo, table, begin, end);
+                     const Table<scalar_t>& table, bool softmax, int64_t begin, int64_t end) {
+  forward_range<scalar_t, DEPTH>(v, o, m, out, geo, table, softmax, begin, end);
 }
 
 template <typename scalar_t, typename grad_t, int DEPTH>
@@ -493,8 +585,9 @@ void backward_default(const scalar_t* v, const scalar_t* o, const scalar_t* m, c
 #if DCNV3_X86_DISPATCH
 template <typename scalar_t, int DEPTH>
 DCNV3_AVX2 void forward_avx2(const scalar_t* v, const scalar_t* o, const scalar_t* m, scalar_t* out,
-                             const Geometry& geo, const Table<scalar_t>& table, int64_t begin, int64_t end) {
-  forward_range<scalar_t, DEPTH>(v, o, m, out, geo, table, begin, end);
+                             const Geometry& geo, const Table<scalar_t>& table, bool softmax, int64_t begin,
+                             int64_t end) {
+  forward_range<scalar_t, DEPTH>(v, o, m, out, geo, table, softmax, begin, end);
 }
 
 template <typename scalar_t, typename grad_t, int DEPTH>
@@ -512,11 +605,11 @@ bool has_avx2() {
 
 template <typename scalar_t, int DEPTH>
 void forward_pixels(const scalar_t* v, const scalar_t* o, const scalar_t* m, scalar_t* out, const Geometry& geo,
-                    const Table<scalar_t>& table, int64_t begin, int64_t end) {
+                    const Table<scalar_t>& table, bool softmax, int64_t begin, int64_t end) {
 #if DCNV3_X86_DISPATCH
-  if (has_avx2()) return forward_avx2<scalar_t, DEPTH>(v, o, m, out, geo, table, begin, end);
+  if (has_avx2()) return forward_avx2<scalar_t, DEPTH>(v, o, m, out, geo, table, softmax, begin, end);
 #endif
-  forward_default<scalar_t, DEPTH>(v, o, m, out, geo, table, begin, end);
+  forward_default<scalar_t, DEPTH>(v, o, m, out, geo, table, softmax, begin, end);
 }
 
 template <typename scalar_t, typename grad_t, int DEPTH>
@@ -552,12 +645,10 @@ void with_depth(int64_t depth, Body&& body) {
   }
 }
 
-}  // namespace
-
-torch::Tensor dcnv3_forward_cpu(const torch::Tensor& input, const torch::Tensor& offset, const torch::Tensor& mask,
-                                int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
-                                int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-                                int64_t group_channels, double offset_scale, bool remove_center) {
+torch::Tensor forward_cpu(const torch::Tensor& input, const torch::Tensor& offset, const torch::Tensor& mask,
+                          int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                          int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels,
+                          double offset_scale, bool remove_center, bool softmax) {
   const Geometry geo = dcnv3::check_arguments(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h,
                                               pad_w, dilation_h, dilation_w, group, group_channels, offset_scale,
                                               remove_center);
@@ -571,11 +662,30 @@ torch::Tensor dcnv3_forward_cpu(const torch::Tensor& input, const torch::Tensor&
     const Table<scalar_t> table(geo);
     with_depth(geo.group_channels, [&](auto depth) {
       at::parallel_for(0, pixels, 16, [&](int64_t begin, int64_t end) {
-        forward_pixels<scalar_t, decltype(depth)::value>(v, o, m, out, geo, table, begin, end);
+        forward_pixels<scalar_t, decltype(depth)::value>(v, o, m, out, geo, table, softmax, begin, end);
       });
     });
   });
   return output;
+}
+
+}  // namespace
+
+torch::Tensor dcnv3_forward_cpu(const torch::Tensor& input, const torch::Tensor& offset, const torch::Tensor& mask,
+                                int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                                int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
+                                int64_t group_channels, double offset_scale, bool remove_center) {
+  return forward_cpu(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                     dilation_w, group, group_channels, offset_scale, remove_center, false);
+}
+
+torch::Tensor dcnv3_softmax_forward_cpu(const torch::Tensor& input, const torch::Tensor& offset,
+                                        const torch::Tensor& mask_logits, int64_t kernel_h, int64_t kernel_w,
+                                        int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                                        int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels,
+                                        double offset_scale, bool remove_center) {
+  return forward_cpu(input, offset, mask_logits, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                     dilation_w, group, group_channels, offset_scale, remove_center, true);
 }
 
 std::vector<torch::Tensor> dcnv3_backward_cpu(const torch::Tensor& input, const torch::Tensor& offset,

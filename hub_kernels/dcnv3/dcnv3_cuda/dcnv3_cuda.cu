@@ -329,6 +329,25 @@ torch::Tensor dcnv3_forward_cuda(const torch::Tensor& input, const torch::Tensor
   return output;
 }
 
+// The softmax runs as ATen's before the kernel; fusing it into the kernel's per-point weights is left for a session
+// with a GPU to measure it on (the CPU kernel fuses it).
+torch::Tensor dcnv3_softmax_forward_cuda(const torch::Tensor& input, const torch::Tensor& offset,
+                                         const torch::Tensor& mask_logits, int64_t kernel_h, int64_t kernel_w,
+                                         int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                                         int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels,
+                                         double offset_scale, bool remove_center) {
+  const Geometry geo = dcnv3::check_arguments(input, offset, mask_logits, kernel_h, kernel_w, stride_h, stride_w,
+                                              pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+                                              offset_scale, remove_center);
+  const auto weights =
+      mask_logits.reshape({geo.batch, geo.height_out, geo.width_out, geo.group, geo.num_points()})
+          .softmax(-1, at::toOpMathType(mask_logits.scalar_type()))
+          .to(mask_logits.scalar_type())
+          .reshape(mask_logits.sizes());
+  return dcnv3_forward_cuda(input, offset, weights, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                            dilation_w, group, group_channels, offset_scale, remove_center);
+}
+
 std::vector<torch::Tensor> dcnv3_backward_cuda(const torch::Tensor& input, const torch::Tensor& offset,
                                                const torch::Tensor& mask, const torch::Tensor& grad_output,
                                                int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,

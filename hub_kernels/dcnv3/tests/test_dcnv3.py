@@ -188,6 +188,92 @@ def test_half_precision_output_and_gradients_match_reference(kernel, device, cas
         assert error.item() <= tolerance, (name, error.item())
 
 
+def reference_softmax(mask_logits, group):
+    """Softmax over each group's points in float64, as InternImage's module computes it before the operator."""
+    return mask_logits.double().unflatten(-1, (group, -1)).softmax(-1).flatten(-2)
+
+
+# Logits within the kernel's direct-exponential range (|l| <= 80), and beyond it, where the pixel takes the
+# max-shifted formula.
+LOGIT_SCALES = [3.0, 150.0]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("logit_scale", LOGIT_SCALES)
+def test_softmax_forward_matches_softmax_then_reference(kernel, device, case, logit_scale):
+    args = settings(**case)
+    points = args[0] * args[1] - int(args[-1])
+    out = (output_size(9, case), output_size(11, case))
+    value, offset, mask = random_inputs(2, 9, 11, case["group"], case["group_channels"], points, device, out=out)
+    logits = logit_scale * (2 * mask - 1)
+    torch.testing.assert_close(
+        kernel.dcnv3_softmax(value, offset, logits, *args).double().cpu(),
+        reference_dcnv3(value, offset, reference_softmax(logits, case["group"]), args).cpu(),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2), (torch.float64, 1e-12)])
+def test_softmax_forward_in_other_dtypes(kernel, device, dtype, tolerance):
+    args = settings(4, 16)
+    value, offset, mask = random_inputs(2, 12, 10, 4, 16, 9, device, dtype)
+    logits = 4 * mask - 2
+    output = kernel.dcnv3_softmax(value, offset, logits, *args)
+    assert output.dtype == dtype
+    expected = reference_dcnv3(value, offset, reference_softmax(logits, 4), args)
+    assert ((output.double().cpu() - expected.cpu()).abs().max() / expected.abs().max()).item() < tolerance
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES[:3])
+def test_softmax_gradcheck(kernel, device, case):
+    args = settings(**{**case, "group_channels": 2})
+    points = args[0] * args[1] - int(args[-1])
+    inputs = [t.requires_grad_() for t in random_inputs(1, 5, 6, case["group"], 2, points, device, torch.float64)]
+    assert torch.autograd.gradcheck(lambda v, o, m: kernel.dcnv3_softmax(v, o, m, *args), inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_float32_gradients_match_reference(kernel, device):
+    args = settings(4, 16)
+    inputs = random_inputs(2, 9, 11, 4, 16, 9, device)
+    inputs[2] = 6 * inputs[2] - 3
+    leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+    reference_leaves = [tensor.double().cpu().requires_grad_() for tensor in inputs]
+    upstream = torch.randn(2, 9, 11, 64, generator=torch.Generator().manual_seed(1))
+    kernel.dcnv3_softmax(*leaves, *args).backward(upstream.to(device))
+    value, offset, logits = reference_leaves
+    reference_dcnv3(value, offset, reference_softmax(logits, 4), args).backward(upstream.double())
+    for leaf, reference in zip(leaves, reference_leaves):
+        scale = reference.grad.abs().max().item()
+        torch.testing.assert_close(leaf.grad.double().cpu(), reference.grad, atol=1e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group, depth", [(2, 16), (2, 5)])
+def test_softmax_of_non_finite_logits_behaves_as_pytorch_softmax(kernel, device, group, depth):
+    """A NaN logit, or +inf, makes that item NaN (as `Tensor.softmax` does); -inf gives its point weight 0 and the
+    item stays finite; other items, and other groups of the same pixel, are untouched."""
+    args = settings(group, depth)
+    value, offset, mask = random_inputs(2, 7, 7, group, depth, 9, device)
+    logits = 4 * mask - 2
+    logits[0, 1, 2, 3] = float("nan")  # group 0
+    logits[1, 4, 4, 9 + 2] = float("inf")  # group 1
+    logits[1, 5, 0, 4] = -float("inf")  # group 0
+    output = kernel.dcnv3_softmax(value, offset, logits, *args)
+    expected = reference_dcnv3(value, offset, reference_softmax(logits, group), args)
+    assert torch.equal(output.isnan().cpu(), expected.isnan())
+    assert output.isnan().sum() == 2 * depth
+    torch.testing.assert_close(output.nan_to_num().double().cpu(), expected.nan_to_num(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CPU backward is deterministic (test below)")
 def test_cuda_backward_refuses_deterministic_mode(kernel):
     """The CUDA backward accumulates with atomics: under `torch.use_deterministic_algorithms` it must say so."""
@@ -219,6 +305,7 @@ def test_opcheck(kernel, device):
     args = settings(2, 8)
     inputs = random_inputs(2, 6, 7, 2, 8, 9, device)
     torch.library.opcheck(kernel.ops.dcnv3_forward, (*inputs, *args))
+    torch.library.opcheck(kernel.ops.dcnv3_softmax_forward, (*inputs, *args))
     upstream = torch.randn(2, 6, 7, 16, device=device)
     torch.library.opcheck(kernel.ops.dcnv3_backward, (*inputs, upstream, *args))
 
@@ -265,11 +352,13 @@ def test_non_finite_offset_or_weight_gives_nan_there(kernel, device, group, dept
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(kernel, device):
+@pytest.mark.parametrize("function", ["dcnv3", "dcnv3_softmax"])
+def test_torch_compile_fullgraph(kernel, device, function):
     args = settings(2, 8)
     inputs = random_inputs(2, 6, 7, 2, 8, 9, device)
-    compiled = torch.compile(lambda v, o, m: kernel.dcnv3(v, o, m, *args) * 2, fullgraph=True)
-    torch.testing.assert_close(compiled(*inputs), 2 * kernel.dcnv3(*inputs, *args))
+    operator = getattr(kernel, function)
+    compiled = torch.compile(lambda v, o, m: operator(v, o, m, *args) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), 2 * operator(*inputs, *args))
 
 
 def test_large_batch_not_a_multiple_of_anything(kernel):
@@ -302,10 +391,11 @@ def test_backward_is_deterministic(kernel):
         (lambda v, o, m: (v[0], o, m), "channels-last"),
     ],
 )
-def test_bad_arguments_are_named(kernel, change, message):
+@pytest.mark.parametrize("function", ["dcnv3", "dcnv3_softmax"])
+def test_bad_arguments_are_named(kernel, change, message, function):
     inputs = change(*random_inputs(2, 6, 6, 2, 8, 9))
     with pytest.raises(RuntimeError, match=message):
-        kernel.dcnv3(*inputs, *settings(2, 8))
+        getattr(kernel, function)(*inputs, *settings(2, 8))
 
 
 def test_remove_center_needs_odd_kernel(kernel):

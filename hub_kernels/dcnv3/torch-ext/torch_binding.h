@@ -19,6 +19,7 @@
 
 #if defined(CPU_KERNEL)
 torch::Tensor dcnv3_forward_cpu(DCNV3_FORWARD_ARGS);
+torch::Tensor dcnv3_softmax_forward_cpu(DCNV3_FORWARD_ARGS);
 std::vector<torch::Tensor> dcnv3_backward_cpu(DCNV3_BACKWARD_ARGS);
 torch::Tensor linear_activation_cpu(const torch::Tensor &input, const torch::Tensor &weight,
                                     const std::optional<torch::Tensor> &bias, const std::string &activation);
@@ -26,5 +27,6 @@ torch::Tensor linear_activation_cpu(const torch::Tensor &input, const torch::Ten
 
 #if defined(CUDA_KERNEL) || defined(ROCM_KERNEL)
 torch::Tensor dcnv3_forward_cuda(DCNV3_FORWARD_ARGS);
+torch::Tensor dcnv3_softmax_forward_cuda(DCNV3_FORWARD_ARGS);
 std::vector<torch::Tensor> dcnv3_backward_cuda(DCNV3_BACKWARD_ARGS);
 #endif

@@ -1,5 +1,6 @@
 """DCNv3, the deformable aggregation of InternImage, as a compiled operator with autograd and torch.compile
-support. `layers.DCNv3` replaces the forward of InternImage's parameter-free core module (`kernels.kernelize`)."""
+support. `layers.DCNv3` and `layers.DCNv3Softmax` replace the forward of InternImage's parameter-free core modules
+(`kernels.kernelize`)."""
 
 import torch
 
@@ -45,9 +46,23 @@ def dcnv3(
     )
 
 
-@torch.library.register_fake(add_op_namespace_prefix("dcnv3_forward"))
+def dcnv3_softmax(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask_logits: torch.Tensor,
+    *settings,
+) -> torch.Tensor:
+    """`dcnv3` with the weights given as logits (N, H_out, W_out, group * P), normalised by a softmax over each
+    group's P points, as InternImage computes them; the same settings follow the tensors."""
+    return ops.dcnv3_softmax_forward(input, offset, mask_logits, *settings)
+
+
 def _dcnv3_forward_fake(input, offset, mask, *settings):
     return input.new_empty((offset.shape[0], offset.shape[1], offset.shape[2], input.shape[3]))
+
+
+for _forward in ("dcnv3_forward", "dcnv3_softmax_forward"):
+    torch.library.register_fake(add_op_namespace_prefix(_forward))(_dcnv3_forward_fake)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("dcnv3_backward"))
@@ -74,6 +89,25 @@ def _backward(ctx, grad_output):
     return (*grads, *([None] * len(ctx.settings)))
 
 
-torch.library.register_autograd(add_op_namespace_prefix("dcnv3_forward"), _backward, setup_context=_setup_context)
+def _softmax_backward(ctx, grad_output):
+    """The softmax's gradient through the aggregation's: w * (g - sum(g * w)) over each group's points, with the
+    weights recomputed from the logits in float32 (float64 for float64)."""
+    input, offset, mask_logits = ctx.saved_tensors
+    group = ctx.settings[8]
+    logits = mask_logits.unflatten(-1, (group, -1))
+    weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    upstream = grad_output.contiguous()
+    grad_input, grad_offset, grad_weights = ops.dcnv3_backward(
+        input, offset, weights.to(logits.dtype).flatten(-2), upstream, *ctx.settings
+    )
+    grad_weights = grad_weights.unflatten(-1, (group, -1)).to(weights.dtype)
+    grad_logits = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdim=True))
+    return (grad_input, grad_offset, grad_logits.flatten(-2).to(logits.dtype), *([None] * len(ctx.settings)))
 
-__all__ = ["dcnv3", "layers"]
+
+torch.library.register_autograd(add_op_namespace_prefix("dcnv3_forward"), _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    add_op_namespace_prefix("dcnv3_softmax_forward"), _softmax_backward, setup_context=_setup_context
+)
+
+__all__ = ["dcnv3", "dcnv3_softmax", "layers"]

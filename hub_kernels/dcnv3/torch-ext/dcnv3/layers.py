@@ -21,24 +21,38 @@ class DCNv3(nn.Module):
     has_backward = True
 
     def forward(self, value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # The operator takes one dtype; offsets and weights follow the value's (e.g. softmax kept in fp32 by amp).
-        return ops.dcnv3_forward(
-            value.contiguous(),
-            offset.to(value.dtype).contiguous(),
-            mask.to(value.dtype).contiguous(),
-            self.kernel_size,
-            self.kernel_size,
-            self.stride,
-            self.stride,
-            self.pad,
-            self.pad,
-            self.dilation,
-            self.dilation,
-            self.group,
-            self.group_channels,
-            float(self.offset_scale),
-            bool(self.remove_center),
-        )
+        return ops.dcnv3_forward(*_operands(value, offset, mask), *_settings(self))
+
+
+class DCNv3Softmax(DCNv3):
+    """InternImage's `DCNv3SoftmaxCore`: the weights come as logits, normalised by a softmax over each group's points
+    inside the operator (on the CPU on the way into the aggregation, never written to memory)."""
+
+    def forward(self, value: torch.Tensor, offset: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        return ops.dcnv3_softmax_forward(*_operands(value, offset, mask_logits), *_settings(self))
+
+
+def _operands(value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # The operator takes one dtype; offsets and weights follow the value's (e.g. softmax kept in fp32 by amp).
+    return value.contiguous(), offset.to(value.dtype).contiguous(), mask.to(value.dtype).contiguous()
+
+
+def _settings(core: nn.Module) -> tuple:
+    """The operator's arguments after the tensors, from the host core's square-kernel settings."""
+    return (
+        core.kernel_size,
+        core.kernel_size,
+        core.stride,
+        core.stride,
+        core.pad,
+        core.pad,
+        core.dilation,
+        core.dilation,
+        core.group,
+        core.group_channels,
+        float(core.offset_scale),
+        bool(core.remove_center),
+    )
 
 
 # Activations the fused linear applies, by the host MLP's `hidden_act` (transformers' ACT2FN names).
