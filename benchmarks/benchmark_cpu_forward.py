@@ -5,11 +5,11 @@ same run. Prints milliseconds and ratios to ConvNeXt-T; not a test (timings depe
 (`bash scripts/build_kernels.sh cpu`), when present. "InternImage-T (original op)" is the same model with the
 original repository's PyTorch operator re-enacted step by step (padding, float32 reference grids, grid_sample over
 (N*G, H*W, P) grids, mask multiply-sum, Tensor.softmax), so the gain of this package's operator is measured in the
-same run. "InternImage-T (no DCNv3 op)" skips the deformable aggregation altogether (each core returns its input):
-the floor for any DCNv3 kernel. The hub kernel's CPU variant also runs InternImage's MLPs (each linear layer one
-oneDNN op with its bias, fc1 fused with its GELU); "(CPU kernel, DCNv3 only)" is InternImage-T without that, and
-"ConvNeXt-T (fused MLP)" gives transformers' ConvNeXt-T the kernel's fused MLP, for a like-for-like reading. The models take turns, repeat by repeat, each
-timed in its steady state.
+same run. "InternImage-T (no DCNv3 op)" skips the deformable aggregation altogether (each core returns its input),
+with the kernel's MLP layer where the kernel is built: the floor for any DCNv3 kernel. The hub kernel's CPU variant
+also runs InternImage's MLPs (each linear layer one oneDNN op with its bias, fc1 fused with its GELU); "(CPU kernel,
+DCNv3 only)" is InternImage-T without that, and "ConvNeXt-T (fused MLP)" gives transformers' ConvNeXt-T the kernel's
+fused MLP, for a like-for-like reading. The models take turns, repeat by repeat, each timed in its steady state.
 
 `--compile` adds ConvNeXt-T and InternImage-T (PyTorch operator, and CPU kernel) under `torch.compile` (static
 shapes, compiled in the untimed first round). `--bf16` adds both models under CPU bf16 autocast; whether that can be
@@ -187,9 +187,11 @@ def build_models() -> dict[str, torch.nn.Module]:
             models["InternImage-T (CPU kernel)"] = with_kernels
         if uses_hub_kernel(use_hub_kernels(dcnv3_only, mapping=kernel_mapping("DCNv3Softmax"))):
             models["InternImage-T (CPU kernel, DCNv3 only)"] = dcnv3_only
-    models["InternImage-T (no DCNv3 op)"] = without_aggregation(
-        InternImageModel(InternImageConfig.from_variant("t")).eval()
-    )
+    # The floor of the fastest configuration: the kernel model (its MLP layer kept) with its cores then bypassed.
+    floor = InternImageModel(InternImageConfig.from_variant("t")).eval()
+    if "InternImage-T (CPU kernel)" in models:
+        use_hub_kernels(floor, mapping=kernel_mapping("DCNv3Softmax", "InternImageMLP"))
+    models["InternImage-T (no DCNv3 op)"] = without_aggregation(floor)
     return models
 
 
