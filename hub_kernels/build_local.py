@@ -73,7 +73,8 @@ def variant_name(backend: str) -> str:
 
 
 def source_revision(kernel_dir: Path) -> str:
-    """Short git revision of the kernel sources, with `_dirty` when they have uncommitted changes."""
+    """Short git revision of the last commit that changed the kernel sources, with `_dirty` when they have
+    uncommitted changes: a build goes stale when its sources change, not with every commit of the project."""
 
     def git(*args: str) -> str:
         try:
@@ -82,7 +83,7 @@ def source_revision(kernel_dir: Path) -> str:
             return ""
         return result.stdout.strip() if result.returncode == 0 else ""
 
-    revision = git("rev-parse", "--short=7", "HEAD") or "0000000"
+    revision = git("log", "-1", "--format=%h", "--abbrev=7", "--", ".") or "0000000"
     return revision + ("_dirty" if git("status", "--porcelain", "--", ".") else "")
 
 

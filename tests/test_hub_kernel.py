@@ -420,6 +420,25 @@ def test_cuda_variant_is_compiled_for_sm80_and_sm90():
     assert {path.name for path in variant.iterdir()} >= {"__init__.py", "layers.py", "_ops.py", "metadata.json"}
 
 
+def test_build_revision_follows_the_kernel_sources_not_the_project(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    kernel_dir = tmp_path / "hub_kernels" / "dcnv3"
+    kernel_dir.mkdir(parents=True)
+    (kernel_dir / "kernel.cpp").write_text("int a;\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "kernel")
+    kernel_commit = git("log", "-1", "--format=%h", "--abbrev=7")
+    (tmp_path / "README.md").write_text("docs\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "docs")
+    assert build_local.source_revision(kernel_dir) == kernel_commit
+    (kernel_dir / "kernel.cpp").write_text("int b;\n")
+    assert build_local.source_revision(kernel_dir) == f"{kernel_commit}_dirty"
+
+
 @pytest.mark.parametrize("required", [False, True])
 def test_cuda_build_without_nvcc_is_skipped_unless_required(required, tmp_path):
     env = {**os.environ, "CUDA_HOME": str(tmp_path / "no-cuda"), "INTERNIMAGE_REQUIRE_CUDA_BUILD": str(int(required))}

@@ -94,6 +94,26 @@ def test_dcnv3_op_matches_original(case, fixtures_dir):
         assert relative_error(tensor.grad, tensors[key]) <= 1e-5, key
 
 
+@pytest.mark.parametrize("case", ["basic", "remove_center", "wide_group"])
+def test_dcnv3_op_with_softmax_is_the_op_on_softmax_weights(case, fixtures_dir):
+    """`softmax=True` (how InternImage calls the operator) normalises the mask over each group's points, as the
+    original module's `F.softmax` before its operator; values and gradients through the logits."""
+    with safe_open(fixtures_dir / "dcnv3_op" / f"{case}.safetensors", "pt") as f:
+        params = json.loads(f.metadata()["params"])
+        value, offset = f.get_tensor("input"), f.get_tensor("offset")
+    settings = [params[key] for key in OP_PARAMS]
+    logits = (4 * torch.randn(offset.shape[:-1] + (offset.shape[-1] // 2,), dtype=torch.float64)).requires_grad_()
+    weights = torch.softmax(logits.unflatten(-1, (params["group"], -1)), -1).flatten(-2)
+    value, offset = value.double(), offset.double()
+    expected = dcnv3_core_pytorch(value, offset, weights, *settings)
+    output = dcnv3_core_pytorch(value, offset, logits, *settings, softmax=True)
+    torch.testing.assert_close(output, expected, atol=1e-12, rtol=1e-12)
+    grad_output = torch.randn_like(output)
+    (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
+    (grad,) = torch.autograd.grad(output, logits, grad_output)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_released_architecture_matches_manifest(variant, fixtures_dir):
     manifest = json.loads((fixtures_dir / "manifests" / f"internimage_{variant}.json").read_text())
