@@ -199,11 +199,16 @@ def dcnv3_core_pytorch(
     value = value.permute(0, 3, 4, 1, 2).reshape(batch * group, group_channels, height_in, width_in)
     sampled = _grid_sample(value, grid)
 
-    mask = mask.to(compute_dtype).reshape(batch, length_out, group, num_points).permute(0, 2, 3, 1)
-    mask = mask.reshape(batch * group, 1, num_points, length_out)
-    if softmax:
-        # Normalised here, points before pixels: torch.compile fuses the softmax into the weighted sum below, which
-        # reads it along the pixel axis it vectorises over (in the (..., group * P) layout, 9 strided loads a vector).
+    # Under torch.compile the softmax is taken points before pixels: inductor fuses it into the weighted sum below,
+    # which then reads the weights along the pixel axis it vectorises over (in the incoming (..., group * P) layout,
+    # 9 strided loads a vector). Eager keeps its order and so its results to the last bit, which the embedded
+    # detection demo is sensitive to (benchmarks/RESULTS.md).
+    softmax_late = softmax and torch.compiler.is_compiling()
+    mask = mask.to(compute_dtype).reshape(batch, length_out, group, num_points)
+    if softmax and not softmax_late:
+        mask = softmax_over_points(mask, dim=-1)
+    mask = mask.permute(0, 2, 3, 1).reshape(batch * group, 1, num_points, length_out)
+    if softmax_late:
         mask = softmax_over_points(mask, dim=2)
     point_samples, point_weights = sampled.unbind(2), mask.unbind(2)
     output = point_samples[0] * point_weights[0]
