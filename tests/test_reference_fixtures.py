@@ -102,6 +102,7 @@ def test_dcnv3_op_with_softmax_is_the_op_on_softmax_weights(case, fixtures_dir):
         params = json.loads(f.metadata()["params"])
         value, offset = f.get_tensor("input"), f.get_tensor("offset")
     settings = [params[key] for key in OP_PARAMS]
+    torch.manual_seed(0)
     logits = (4 * torch.randn(offset.shape[:-1] + (offset.shape[-1] // 2,), dtype=torch.float64)).requires_grad_()
     weights = torch.softmax(logits.unflatten(-1, (params["group"], -1)), -1).flatten(-2)
     value, offset = value.double(), offset.double()
