@@ -1,8 +1,9 @@
 """DCNv3 CPU kernel against the pure-PyTorch operator of `modeling_internimage`, at the four stage shapes of
 InternImage-T (batch 8, 224x224 input), measured in one run. Prints per-stage medians and the ratio over a whole
-network pass (each stage weighted by its number of blocks: 4, 4, 18, 4).
+network pass (each stage weighted by its number of blocks: 4, 4, 18, 4); with `--compile`, also the PyTorch operator
+under torch.compile (static shapes; compiled in the untimed first call).
 
-    .venv/bin/python benchmarks/benchmark_dcnv3_cpu.py [--build hub_kernels/dcnv3/build] [--repeats 7]
+    .venv/bin/python benchmarks/benchmark_dcnv3_cpu.py [--build hub_kernels/dcnv3/build] [--repeats 7] [--compile]
 """
 
 import argparse
@@ -63,27 +64,42 @@ def main() -> None:
         "--build", type=Path, default=Path(__file__).resolve().parents[1] / "hub_kernels" / "dcnv3" / "build"
     )
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the PyTorch operator under torch.compile (static shapes)"
+    )
     args = parser.parse_args()
     kernel = get_local_kernel(args.build)
+    operators = {"torch": dcnv3_core_pytorch, "kernel": kernel.dcnv3}
+    if args.compile:
+        operators["compiled"] = torch.compile(dcnv3_core_pytorch, dynamic=False)
     generator = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, batch 8")
-    print(f"{'stage':<16}{'torch fwd':>10}{'kernel fwd':>11}{'x':>6}{'torch bwd':>11}{'kernel bwd':>11}{'x':>6}")
-    totals = [0.0, 0.0, 0.0, 0.0]
+    names = list(operators)
+    header = "".join(f"{name + ' ' + phase:>{len(name) + 6}}" for phase in ("fwd", "bwd") for name in names)
+    ratio_names = ["torch/kernel"] + ["compiled/torch"] * args.compile
+    ratios = "".join(f"{name + ' fwd, bwd':>20}" for name in ratio_names)
+    print(f"{'stage':<18}{header}{ratios}")
+    totals = {(name, phase): 0.0 for name in names for phase in ("fwd", "bwd")}
     for size, groups, blocks in T_STAGES:
         inputs = stage_inputs(size, groups, generator=generator)
         settings = (3, 3, 1, 1, 1, 1, 1, 1, groups, 16, 1.0, False)
-        torch_fwd, torch_bwd = measure(dcnv3_core_pytorch, inputs, settings, args.repeats)
-        kernel_fwd, kernel_bwd = measure(kernel.dcnv3, inputs, settings, args.repeats)
-        for idx, value in enumerate((torch_fwd, kernel_fwd, torch_bwd, kernel_bwd)):
-            totals[idx] += blocks * value
-        print(
-            f"{size}x{size}, G={groups:<6}{torch_fwd:>10.2f}{kernel_fwd:>11.2f}{torch_fwd / kernel_fwd:>6.1f}"
-            f"{torch_bwd:>11.2f}{kernel_bwd:>11.2f}{torch_bwd / kernel_bwd:>6.1f}"
-        )
-    print(
-        f"{'network (x blocks)':<16}{totals[0]:>10.1f}{totals[1]:>11.1f}{totals[0] / totals[1]:>6.1f}"
-        f"{totals[2]:>11.1f}{totals[3]:>11.1f}{totals[2] / totals[3]:>6.1f}"
+        times = {}
+        for name, op in operators.items():
+            times[name, "fwd"], times[name, "bwd"] = measure(op, inputs, settings, args.repeats)
+            for phase in ("fwd", "bwd"):
+                totals[name, phase] += blocks * times[name, phase]
+        print(f"{f'{size}x{size}, G={groups}':<18}{format_row(times, names, args.compile)}")
+    print(f"{'network (x blocks)':<18}{format_row(totals, names, args.compile)}")
+
+
+def format_row(times: dict, names: list[str], compiled: bool) -> str:
+    cells = "".join(f"{times[name, phase]:>{len(name) + 6}.2f}" for phase in ("fwd", "bwd") for name in names)
+    pairs = [("torch", "kernel")] + [("compiled", "torch")] * compiled
+    ratios = "".join(
+        f"{times[top, 'fwd'] / times[bottom, 'fwd']:>14.2f}{times[top, 'bwd'] / times[bottom, 'bwd']:>6.2f}"
+        for top, bottom in pairs
     )
+    return cells + ratios
 
 
 if __name__ == "__main__":
