@@ -20,6 +20,7 @@ from modeling_internimage.dcnv3 import dcnv3_core_pytorch
 
 # (height = width, groups, blocks) of InternImage-T's stages at 224x224; 16 channels per group.
 T_STAGES = [(56, 4, 4), (28, 8, 4), (14, 16, 18), (7, 32, 4)]
+PHASES = ("fwd", "bwd")
 
 
 def stage_inputs(size: int, groups: int, batch: int = 8, generator: torch.Generator | None = None):
@@ -75,29 +76,28 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, batch 8")
     names = list(operators)
-    header = "".join(f"{name + ' ' + phase:>{len(name) + 6}}" for phase in ("fwd", "bwd") for name in names)
-    ratio_names = ["torch/kernel"] + ["compiled/torch"] * args.compile
-    ratios = "".join(f"{name + ' fwd, bwd':>20}" for name in ratio_names)
+    ratio_pairs = [("torch", "kernel")] + [("compiled", "torch")] * args.compile
+    header = "".join(f"{name + ' ' + phase:>{len(name) + 6}}" for phase in PHASES for name in names)
+    ratios = "".join(f"{top + '/' + bottom + ' fwd, bwd':>20}" for top, bottom in ratio_pairs)
     print(f"{'stage':<18}{header}{ratios}")
-    totals = {(name, phase): 0.0 for name in names for phase in ("fwd", "bwd")}
+    totals = {(name, phase): 0.0 for name in names for phase in PHASES}
     for size, groups, blocks in T_STAGES:
         inputs = stage_inputs(size, groups, generator=generator)
         settings = (3, 3, 1, 1, 1, 1, 1, 1, groups, 16, 1.0, False)
         times = {}
         for name, op in operators.items():
             times[name, "fwd"], times[name, "bwd"] = measure(op, inputs, settings, args.repeats)
-            for phase in ("fwd", "bwd"):
+            for phase in PHASES:
                 totals[name, phase] += blocks * times[name, phase]
-        print(f"{f'{size}x{size}, G={groups}':<18}{format_row(times, names, args.compile)}")
-    print(f"{'network (x blocks)':<18}{format_row(totals, names, args.compile)}")
+        print(f"{f'{size}x{size}, G={groups}':<18}{format_row(times, names, ratio_pairs)}")
+    print(f"{'network (x blocks)':<18}{format_row(totals, names, ratio_pairs)}")
 
 
-def format_row(times: dict, names: list[str], compiled: bool) -> str:
-    cells = "".join(f"{times[name, phase]:>{len(name) + 6}.2f}" for phase in ("fwd", "bwd") for name in names)
-    pairs = [("torch", "kernel")] + [("compiled", "torch")] * compiled
+def format_row(times: dict, names: list[str], ratio_pairs: list[tuple[str, str]]) -> str:
+    cells = "".join(f"{times[name, phase]:>{len(name) + 6}.2f}" for phase in PHASES for name in names)
     ratios = "".join(
         f"{times[top, 'fwd'] / times[bottom, 'fwd']:>14.2f}{times[top, 'bwd'] / times[bottom, 'bwd']:>6.2f}"
-        for top, bottom in pairs
+        for top, bottom in ratio_pairs
     )
     return cells + ratios
 
